@@ -1,0 +1,122 @@
+"""The IGN objective (paper §2.1–2.3, eqs. 8, 10, 11, 14) as one pure function, and one update.
+
+Gradient paths, exactly as eq. 13:
+- L_rec   = D(f_θ(x), x).
+- L_idem  = D(f_θ′(f_θ(z)), f_θ(z)): θ only through the inner f; the outer f is a frozen copy θ′
+  that the chain rule passes through (it gets no parameter gradient).
+- L_tight = −D(f_θ(f_θ′(z)), f_θ′(z)): θ only through the outer f; the inner f(z) is detached.
+- Smooth clamp (eq. 14): L_tight ← tanh(L̃_tight / (a·r)) · a·r, with r the clamp reference.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call
+
+
+class LossConfig(BaseModel):
+    """Loss weights and the choices the paper leaves open. Defaults: paper Table 1 (CelebA)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lambda_rec: float = Field(20.0, ge=0)        # λr, weight of D(f(x), x)
+    lambda_idem: float = Field(20.0, ge=0)       # λi, weight of the idempotence term (eq. 8)
+    lambda_tight: float = Field(2.5, ge=0)       # λt, weight of the tightness term (eq. 10)
+    distance: Literal["l1", "l2"] = "l1"         # D: mean |a-b| (Table 1) or mean (a-b)^2 (code listing)
+    clamp_ratio: Optional[float] = Field(1.5, ge=1.0)  # a in eq. 14; None = no clamp (code listing)
+    clamp_reference: Literal["rec", "drift"] = "rec"   # r: batch D(f(x),x), or per-sample D(f(z),z)
+    tight_warmup: int = Field(0, ge=0)           # steps of linear λt warm-up from 0; 0 = none
+
+
+def per_sample_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """D per sample: the mean over all non-batch dimensions of |a-b| (l1) or (a-b)^2 (l2)."""
+    d = a - b
+    d = d.abs() if distance == "l1" else d.square()
+    return d.flatten(1).mean(1)
+
+
+def lambda_tight_at(cfg: LossConfig, step: Optional[int]) -> float:
+    """λt after the linear warm-up: a pure function of the step (None = fully warmed up)."""
+    if not cfg.tight_warmup or step is None:
+        return cfg.lambda_tight
+    return cfg.lambda_tight * min(1.0, step / cfg.tight_warmup)
+
+
+def frozen(f: nn.Module):
+    """f_θ′ for one step: same values as f, no parameter gradients, chain rule passes through.
+
+    Equivalent to the paper's `f_copy.load_state_dict(f.state_dict())` without copying: the
+    parameters are detached views. Buffers (BN running statistics) are cloned so that, as with the
+    paper's copy, the frozen pass does not update f's running statistics."""
+    params = {k: v.detach() for k, v in f.named_parameters()}
+    buffers = {k: v.clone() for k, v in f.named_buffers()}
+    state = {**params, **buffers}
+    return lambda inp: functional_call(f, state, (inp,))
+
+
+def ign_losses(f: nn.Module, x: torch.Tensor, z: torch.Tensor, cfg: LossConfig,
+               step: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """IGN losses for a real batch x and a noise batch z (same shape as x).
+
+    Args:
+        f: any module mapping a batch to a batch of the same shape.
+        x: real data batch.  z: noise batch.
+        cfg: LossConfig (or any object with the same attributes).
+        step: training step, only used by the λt warm-up.
+    Returns a dict of scalar tensors: `loss` (weighted sum, to backpropagate), `rec`, `idem`,
+    `tight` (after the clamp, ≤ 0), `tight_raw` (before it), all detached but `loss`.
+    """
+    fx = f(x)
+    fz = f(z)
+    rec_s = per_sample_distance(fx, x, cfg.distance)
+    rec = rec_s.mean()
+
+    # Idempotence: inner f live (θ), outer f frozen (θ′); gradients reach θ through fz only.
+    ffz_idem = frozen(f)(fz)
+    idem = per_sample_distance(ffz_idem, fz, cfg.distance).mean()
+
+    # Tightness: inner f(z) detached (θ′), outer f live (θ).
+    fz_d = fz.detach()
+    ffz_tight = f(fz_d)
+    tight_s = -per_sample_distance(ffz_tight, fz_d, cfg.distance)
+    tight_raw = tight_s.mean()
+    if cfg.clamp_ratio is not None:
+        # The reference is a scale, not a gradient path: letting gradients through it would let the
+        # (negative) tightness term reward a worse reconstruction.
+        if cfg.clamp_reference == "rec":
+            ref = rec.detach()
+        else:  # per-sample drift of the noise, D(f(z), z)
+            ref = per_sample_distance(fz_d, z, cfg.distance)
+        scale = cfg.clamp_ratio * ref + 1e-12
+        tight_s = torch.tanh(tight_s / scale) * scale
+    tight = tight_s.mean()
+
+    lt = lambda_tight_at(cfg, step)
+    loss = cfg.lambda_rec * rec + cfg.lambda_idem * idem + lt * tight
+    return {"loss": loss, "rec": rec.detach(), "idem": idem.detach(), "tight": tight.detach(),
+            "tight_raw": tight_raw.detach()}
+
+
+def train_step(f: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor,
+               cfg: LossConfig, step: Optional[int] = None) -> dict[str, float]:
+    """One optimizer update on (x, z); returns the losses as Python floats.
+
+    Raises FloatingPointError before updating if the loss is not finite, so a diverged trial stops
+    at once instead of training on garbage. The model is then as before the call: the forward
+    passes have already moved the BN running statistics (towards NaN), so they are restored."""
+    f.train()
+    saved = [b.clone() for b in f.buffers()]  # BN statistics: a few KB, restored on a rejected step
+    out = ign_losses(f, x, z, cfg, step)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        with torch.no_grad():
+            for b, s in zip(f.buffers(), saved):
+                b.copy_(s)
+        raise FloatingPointError(f"non-finite loss at step {step}: "
+                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in out.items()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {k: v.item() for k, v in out.items()}
