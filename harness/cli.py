@@ -34,6 +34,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     alias_of = {v: k for k, v in ALIASES.items()}
     fields = _field_docs()
     for key, default in leaf_keys().items():
+        if key == "preset":  # --preset above
+            continue
         names = [f"--{key}"] + ([f"--{alias_of[key]}"] if key in alias_of else [])
         g.add_argument(*names, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
                        help=f"{fields.get(key, '')} [default: {default}]")

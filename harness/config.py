@@ -54,6 +54,7 @@ class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0)               # Adam step size (Table 1)
     beta1: float = Field(0.5, ge=0, lt=1)       # Adam β1 (Table 1)
     beta2: float = Field(0.999, ge=0, lt=1)     # Adam β2 (Table 1)
+    schedule: Literal["constant", "cosine"] = "constant"  # lr over training: constant (paper) or cosine decay to 0
 
 
 class TrainConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from ign import build_model, train_step
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import TrialConfig
+from .config import TrialConfig, resolve_device
 from .data import Data, load_dataset
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 @functools.lru_cache(maxsize=2)
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def lr_at(cfg: TrialConfig, step: int) -> float:
+    """The learning rate at `step`: a pure function of the step (nanoGPT's get_lr)."""
+    if cfg.optim.schedule == "cosine":
+        return cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(step, cfg.train.steps) / cfg.train.steps))
+    return cfg.optim.lr
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -137,6 +145,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Optional[Report] = 
         t = time.perf_counter()
         x = data.batch(batch_indices(n, bs, cfg.seed, step), device=device)
         z = noise.sample(bs, batch=x, generator=step_generator(cfg.seed, step, device))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
         losses = train_step(f, opt, x, z, cfg.loss, step)
         train_time += time.perf_counter() - t
         done = step + 1
@@ -213,3 +223,17 @@ def plot_toy(data: Data, z: torch.Tensor, outs: list[torch.Tensor], path: Path) 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def load_trained(path: str | Path, device=None) -> tuple[torch.nn.Module, TrialConfig, dict[str, Any]]:
+    """A trained model from a checkpoint file or run folder: (f in eval-ready state, its config,
+    the raw checkpoint dict). The model is rebuilt from the config saved inside the checkpoint."""
+    from .checkpoint import read_checkpoint, resolve_checkpoint
+    ck = read_checkpoint(resolve_checkpoint(path), map_location="cpu")
+    cfg = TrialConfig.model_validate(ck["config"])
+    device = torch.device(device) if device is not None else resolve_device("auto")
+    shape = tuple(ck.get("shape") or ())
+    kw = {"dim": shape[0]} if cfg.model_name() == "mlp2d" else {"channels": shape[0]}
+    f = build_model(cfg.model_name(), **kw, **cfg.model_kwargs())
+    f.load_state_dict(ck["model"])
+    return f.to(device), cfg, ck
