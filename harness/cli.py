@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import PRESETS, ConfigError, TrialConfig, build_config, leaf_keys, parse_value
-from .data import PROJECT_ROOT
+from .paths import PROJECT_ROOT
 
 # Short spellings for the flags people type most; every other key is `--section.key`.
 ALIASES = {"dataset": "data.dataset", "data-root": "data.root", "steps": "train.steps",
@@ -47,7 +47,7 @@ def _field_docs() -> dict[str, str]:
     """Help text for each key: the field's inline comment in config.py / ign/losses.py."""
     import inspect
     import re
-    from ign import losses
+    from ign import config as losses
     from . import config
     docs: dict[str, str] = {}
     section_of = {"ModelConfig": "model", "DataConfig": "data", "NoiseConfig": "noise", "OptimConfig": "optim",
@@ -125,7 +125,7 @@ def _rounded(d: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ign-bench", description="Idempotent Generative Networks: train, evaluate, sweep, report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -145,17 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    for mod in _plugin_modules():
+    for mod in _plugin_modules(command):
         mod.add_cli(sub)
     return p
 
 
-def _plugin_modules():
-    """Modules that register their own subcommands (evaluation, sweeps, reports, benchmarks)."""
+# Subcommands that live with their code; each module has add_cli(subparsers). Only the module of
+# the command being run is imported, so `ign-bench sweep bad.yaml` fails in well under a second
+# instead of first importing torch-fidelity, MLflow and Ray.
+PLUGINS = {"fid": "harness.fidelity", "evaluate": "harness.evaluate", "sweep": "harness.sweep",
+           "ui": "harness.tracking", "project": "harness.project", "report": "reports.build",
+           "paper": "reports.build", "bench": "harness.bench"}
+
+
+def _plugin_modules(command: Optional[str] = None):
     import importlib
+    if command == "train":
+        return []
+    names = [PLUGINS[command]] if command in PLUGINS else list(dict.fromkeys(PLUGINS.values()))
     mods = []
-    for name in ("harness.fidelity", "harness.evaluate", "harness.sweep", "harness.tracking",
-                 "harness.project", "reports.build", "harness.bench"):
+    for name in names:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -168,7 +177,9 @@ def _plugin_modules():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in PLUGINS or command == "train" else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

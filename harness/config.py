@@ -10,12 +10,11 @@ import hashlib
 import json
 from typing import Any, Literal, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ign.losses import LossConfig
-from ign.models import MODELS
-from ign.toy import TOYS
+from ign.config import BUILTIN_MODELS, BUILTIN_TOYS, LossConfig
+
+TOYS = BUILTIN_TOYS
 
 DatasetName = Literal["mnist", "celeba64", "folder", "ring8", "moons"]
 
@@ -91,8 +90,10 @@ class TrialConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self):
         name = self.model.name
-        if name is not None and name not in MODELS:
-            raise ValueError(f"model.name: unknown value {name!r}; allowed: {', '.join(sorted(MODELS))}")
+        if name is not None and name not in BUILTIN_MODELS:
+            from ign.models import MODELS  # a model registered at run time: needs the registry (torch)
+            if name not in MODELS:
+                raise ValueError(f"model.name: unknown value {name!r}; allowed: {', '.join(sorted(MODELS))}")
         toy = self.data.dataset in TOYS
         if toy and self.noise.name == "fft":
             raise ValueError("noise.name: 'fft' needs image data; toy data sets allow: gaussian")
@@ -113,7 +114,7 @@ class TrialConfig(_Section):
             return {"hidden": self.model.hidden, "depth": self.model.depth}
         return {"width": self.model.width, "latent": self.model.latent}
 
-    def resolved_device(self) -> torch.device:
+    def resolved_device(self) -> "torch.device":
         return resolve_device(self.device)
 
     def flat(self) -> dict[str, Any]:
@@ -241,7 +242,8 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> "torch.device":
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

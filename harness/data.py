@@ -16,9 +16,7 @@ import torch
 
 from ign.toy import TOYS, toy_sample
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = (PROJECT_ROOT.parent / "shared" / "data").resolve()
-DEFAULT_CACHE = Path(os.environ.get("IGN_BENCH_CACHE", PROJECT_ROOT / ".cache")).resolve()
+from .paths import DEFAULT_CACHE, DEFAULT_DATA_ROOT, PROJECT_ROOT  # noqa: F401 (re-exported)
 
 IMAGE_DATASETS = ("mnist", "celeba64", "folder")
 DATASETS = IMAGE_DATASETS + tuple(TOYS)

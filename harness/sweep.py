@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import ConfigError, TrialConfig, build_config, leaf_keys
-from .data import PROJECT_ROOT
+from .paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
@@ -150,11 +150,18 @@ def validate_against_config(spec: SweepSpec) -> None:
         from .config import PRESETS
         if spec.preset not in PRESETS:
             raise SpecError(f"preset: unknown value {spec.preset!r}; allowed: auto, {', '.join(PRESETS)}")
-    allowed = reported_metrics(base_cfg)
+    # the metric must be reported by every trial (variants may change data set or extractors)
+    cfgs = [_check(spec, v, "variants") for v in spec.variants] or [base_cfg]
+    allowed = [m for m in reported_metrics(cfgs[0]) if all(m in reported_metrics(c) for c in cfgs[1:])]
     if spec.metric not in allowed:
         raise SpecError(f"metric: {spec.metric!r} is not reported by these trials; allowed: {', '.join(allowed)}")
     if spec.scheduler.type == "asha" and not base_cfg.eval.every:
         raise SpecError("scheduler.type: asha needs intermediate results; set base eval.every (steps)")
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """What this machine (or the cluster at RAY_ADDRESS) can run: a GPU spec on a CPU-only machine
+    would wait forever for a GPU, so it fails now instead."""
     if spec.resources.gpu > 0 and not os.environ.get("RAY_ADDRESS"):
         import torch
         if not torch.cuda.is_available():
@@ -328,6 +335,7 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print(json.dumps(spec.model_dump(), indent=2))
         return 0
+    check_resources(spec)
     log.debug("spec validated in %.2f s", time.time() - t)
     summary = run_sweep(spec, storage=args.storage, fresh=args.fresh, verbose=2 if args.verbose else 1)
     print_summary(summary)

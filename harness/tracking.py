@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .data import PROJECT_ROOT
+from .paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 DEFAULT_DB = PROJECT_ROOT / "mlflow.db"

@@ -9,25 +9,13 @@ Gradient paths, exactly as eq. 13:
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-
-class LossConfig(BaseModel):
-    """Loss weights and the choices the paper leaves open. Defaults: paper Table 1 (CelebA)."""
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    lambda_rec: float = Field(20.0, ge=0)        # λr, weight of D(f(x), x)
-    lambda_idem: float = Field(20.0, ge=0)       # λi, weight of the idempotence term (eq. 8)
-    lambda_tight: float = Field(2.5, ge=0)       # λt, weight of the tightness term (eq. 10)
-    distance: Literal["l1", "l2"] = "l1"         # D: mean |a-b| (Table 1) or mean (a-b)^2 (code listing)
-    clamp_ratio: Optional[float] = Field(1.5, ge=1.0)  # a in eq. 14; None = no clamp (code listing)
-    clamp_reference: Literal["rec", "drift"] = "rec"   # r: batch D(f(x),x), or per-sample D(f(z),z)
-    tight_warmup: int = Field(0, ge=0)           # steps of linear λt warm-up from 0; 0 = none
+from .config import LossConfig  # noqa: F401  (re-exported: ign.losses.LossConfig)
 
 
 def per_sample_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:

@@ -92,6 +92,19 @@ def test_fid_matches_scipy(mnist_sets):
         assert ours == pytest.approx(ref, rel=1e-3), other
 
 
+def test_fid_with_fewer_samples_than_dimensions():
+    """The N x N route (CPU sample sizes, 2048-d Inception) equals torch-fidelity's eigenvalue route
+    and scipy's sqrtm on the same features."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics as stats, fid_statistics_to_metric
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(150, 300, generator=g, dtype=torch.float64).relu()
+    b = 1.2 * torch.randn(120, 300, generator=g, dtype=torch.float64).relu() + 0.1
+    ours = fi.frechet_distance(a, b)
+    assert ours == pytest.approx(fid_statistics_to_metric(stats(a), stats(b), False)["frechet_inception_distance"],
+                                 rel=1e-6)
+    assert ours == pytest.approx(frechet_scipy(a.numpy(), b.numpy()), rel=1e-3)
+
+
 def test_kid_matches_unbiased_cubic_mmd(mnist_sets):
     # Subset size = n: every subset is the whole set, so the mean is one MMD over all samples.
     a, b = mnist_sets["noisy"], mnist_sets["train"]
