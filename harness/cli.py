@@ -102,7 +102,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"run folder: {out}\ndevice: {device}", file=sys.stderr)
     final = run_trial(cfg, out, report=report, progress=not args.quiet)
-    (out / "final.json").write_text(json.dumps(final, indent=2))
     print(json.dumps(_rounded(final), indent=2))
     print(f"checkpoint and samples: {out}", file=sys.stderr)
     return 0

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from ign import DEGRADATIONS, degrade, interpolate, per_sample_distance
-from ign.degrade import random_box
+from ign.degrade import DEGRADATIONS, degrade, random_box
+from ign.losses import per_sample_distance
+from ign.sampling import interpolate
 
 from .config import TrialConfig
 from .data import CELEBA_SPLITS, DEFAULT_CACHE, DEFAULT_DATA_ROOT, Data, list_images, to_model_range, to_uint8

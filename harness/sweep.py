@@ -249,7 +249,7 @@ def run_sweep(spec: SweepSpec, storage: Optional[Path] = None, fresh: bool = Fal
     started = time.time()
     _prepare(spec)  # classifier, Inception weights, reference features: once, before any trial
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=verbose > 1)
     fn = tune.with_resources(tune.with_parameters(trainable, spec_json=spec.model_dump_json(),
                                                   sweep_dir=str(sweep_dir)),

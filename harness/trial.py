@@ -166,7 +166,9 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Optional[Report] = 
     last = run_eval(final_step)
     eval_time += last["eval_time_s"]
     save_samples(f, noise, data, cfg, out / "samples", device)
-    return {**last, "step": final_step, "train_time_s": train_time, "eval_time_s": eval_time}
+    final = {**last, "step": final_step, "train_time_s": train_time, "eval_time_s": eval_time}
+    (out / "final.json").write_text(json.dumps(final, indent=2))
+    return final
 
 
 def _trajectory(cfg_json: dict) -> str:

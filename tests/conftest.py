@@ -19,3 +19,19 @@ def run_cli(*args, env=None, timeout=600, cwd=None):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """sweeps/smoke.yaml run once per test session with real Ray and a real MLflow SQLite store.
+
+    Returns a dict: tmp (folder), uri (MLflow tracking URI), proc (the CompletedProcess of
+    `ign-bench sweep smoke`). Tests of the sweep runner and of the reports share it."""
+    import subprocess
+    tmp = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"MLFLOW_TRACKING_URI": uri, "IGN_BENCH_STORAGE": str(tmp / "ray"), "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    return {"tmp": tmp, "uri": uri, "proc": proc, "env": env}

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_env(tmp_path):
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-            "IGN_BENCH_STORAGE": str(tmp_path / "ray"), "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "IGN_BENCH_STORAGE": str(tmp_path / "ray"), "PYTHONUNBUFFERED": "1"}
 
 
 def run_sweep_cli(spec, tmp_path, timeout=900):
@@ -47,8 +48,8 @@ def write_spec(tmp_path, name, **over):
 
 
 @pytest.mark.slow
-def test_smoke_sweep_end_to_end(tmp_path):
-    r = run_sweep_cli("smoke", tmp_path)
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    r, tmp_path = smoke_sweep["proc"], smoke_sweep["tmp"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "best trial" in r.stdout and "MLflow run" in r.stdout
     assert "== sweep smoke" in r.stderr  # the live table
