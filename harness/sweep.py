@@ -223,6 +223,8 @@ def trainable(config: dict[str, Any], spec_json: str, sweep_dir: str) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = build_config(trial_overrides(spec, config), preset=spec.preset)
     trial_id = tune.get_context().get_trial_id()
+    import ray
+    node = ray.get_runtime_context().get_node_id()  # recorded as a tag: where the trial ran
     buffer: list[dict[str, Any]] = []
 
     def report(m: dict[str, Any]) -> None:
@@ -231,7 +233,8 @@ def trainable(config: dict[str, Any], spec_json: str, sweep_dir: str) -> None:
         if any(k.startswith("train/") for k in m):
             buffer.append(m)
             return
-        tune.report({**m, "history": list(buffer), **(buffer[-1] if buffer else {}), "step": m["step"]})
+        tune.report({**m, "history": list(buffer), **(buffer[-1] if buffer else {}), "step": m["step"],
+                     "node_id": node})
         buffer.clear()
 
     run_trial(cfg, Path(sweep_dir) / "trials" / trial_id, report=report, progress=False)

@@ -57,7 +57,7 @@ class MLflowCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run(trial)
         self.tracker.log_metrics(run_id, metric_rows(result))
-        text = {k: v for k, v in result.items() if k in ("inception_weights", "bn_mode") and isinstance(v, str)}
+        text = {k: v for k, v in result.items() if k in ("inception_weights", "bn_mode", "node_id") and isinstance(v, str)}
         if text:
             self.tracker.set_tags(run_id, text)
 

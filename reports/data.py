@@ -102,8 +102,8 @@ def result_metrics(df: pd.DataFrame) -> list[str]:
     return sorted(keys, key=metric_sort_key)
 
 
-FAMILY_ORDER = ("fid", "kid", "precision", "recall", "is", "modes", "modes_entropy",
-                "swd", "energy", "near_frac", "idem", "drift")
+FAMILY_ORDER = ("fid", "kid", "precision", "recall", "is", "swd", "energy", "modes", "modes_entropy",
+                "near_frac", "idem", "drift")
 
 
 def metric_sort_key(key: str) -> tuple:
@@ -114,11 +114,11 @@ def metric_sort_key(key: str) -> tuple:
 
 
 def metric_label(column: str) -> str:
-    """Display name of a metric column: `fid_mnist` -> `FID (mnist)`, `drift_real` -> `drift D(f(x),x)`."""
+    """Display name of a metric column: `fid_mnist` -> `FID (mnist)`, `drift_real` -> `drift`."""
     mk = parse_metric(column)
     names = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall", "is": "IS",
              "modes": "modes", "modes_entropy": "mode entropy", "swd": "SWD", "energy": "energy dist.",
-             "near_frac": "near frac.", "idem": "idem D(f(y),y)", "drift": "drift D(f(x),x)"}
+             "near_frac": "near frac.", "idem": "idem", "drift": "drift"}
     text = names.get(mk.family, mk.family)
     if mk.extractor:
         text += f" ({mk.extractor})"

@@ -95,7 +95,8 @@ def fig_metric_vs_k(configs: Configs, labels: dict[tuple, str], folder: Path, na
     handles, labs = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labs, loc="lower center", ncol=min(4, len(labs)), fontsize=8, frameon=False)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.94, bottom=0.08 + 0.03 * math.ceil(len(labs) / 4) / rows,
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.9 if rows == 1 else 0.92,
+                        bottom=0.08 + 0.03 * math.ceil(len(labs) / 4) / rows,
                         hspace=0.45, wspace=0.3)
     fig.suptitle("Every metric at f^k, per configuration (mean ± std over seeds)", fontsize=11)
     return _save(fig, folder, name, "Every metric against k (f^k(z) for k = 1..K), one line per configuration; "
@@ -114,8 +115,7 @@ def fig_metric_vs_axis(configs: Configs, axis: str, folder: Path, ks: Sequence[i
     flat = [m for m in configs.metrics if parse_metric(m).k is None]
     panels = list(cols) + flat
     values = sorted({str(t.iloc[p][axis]) for g in groups for p in g}, key=lambda v: _axis_pos_key(v))
-    numeric = all(isinstance(parse_value(v), (int, float)) and not isinstance(parse_value(v), bool)
-                  or parse_value(v) is None for v in values) and not any(parse_value(v) is None for v in values)
+    numeric = all(isinstance(parse_value(v), (int, float)) and not isinstance(parse_value(v), bool) for v in values)
     pos = {v: (float(parse_value(v)) if numeric else i) for i, v in enumerate(values)}
     rows, ncol = _grid_shape(len(panels))
     fig, axes = plt.subplots(rows, ncol, figsize=(WIDTH_IN, 3.2 * rows + 0.8), squeeze=False)
@@ -202,6 +202,7 @@ class Model:
     noise: Any
     bn_mode: str
     label: str
+    step: Optional[int] = None
 
 
 def has_bn(f) -> bool:

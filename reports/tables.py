@@ -19,6 +19,8 @@ import pandas as pd
 from .data import (AXIS_LABELS, Configs, FINISHED, format_value, metric_label, one_factor_groups,
                    param, parse_metric, parse_value, run_status, tag, value_sort_key)
 
+METRIC_NOTE = ("idem at k = D(f^(k+1)(z), f^k(z)); drift = D(f(x), x) on held-out data; "
+               "k = number of applications of f to the evaluation noise.")
 MISSING = "—"            # a metric no run reported, or a configuration without finished runs
 ABLATION_KS = (1, 2, 3)  # ablation tables: f, f², f³ (issue 5)
 
@@ -132,7 +134,9 @@ _TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#
 
 
 def _tex(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    text = re.sub(r"λ([a-z])\b", lambda m: "\x00" + m[1], str(text))  # λt -> $\lambda_t$
+    out = "".join(_TEX.get(ch, ch) for ch in text)
+    return re.sub("\x00([a-z])", r"$\\lambda_\1$", out)
 
 
 def _tex_cell(text: str, bold: bool) -> str:
@@ -144,8 +148,11 @@ def _tex_cell(text: str, bold: bool) -> str:
 # Number formatting: one number of decimals per column, from the column's own magnitude.
 
 def decimals_for(values) -> int:
-    """Decimals that give ~4 significant digits to the column's largest magnitude (0..6)."""
+    """Decimals that give ~4 significant digits to the column's largest magnitude (0..6); 0 when
+    every value is a whole number (mode counts of single runs)."""
     vals = [abs(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if vals and all(float(v).is_integer() for v in vals):
+        return 0
     top = max(vals, default=0.0)
     if top == 0:
         return 3
@@ -163,7 +170,8 @@ def mean_std(mean: float, std: float, count: int, n: int, d: int) -> str:
     configuration's n finished runs reported the metric."""
     if count == 0 or mean is None or math.isnan(mean):
         return MISSING
-    text = fmt(mean, d) + (f" ± {fmt(std, d)}" if count > 1 and not math.isnan(std) else "")
+    ds = max(d, 1) if not float(std if not math.isnan(std) else 0).is_integer() else d
+    text = fmt(mean, d) + (f" ± {fmt(std, ds)}" if count > 1 and not math.isnan(std) else "")
     return text + (f" (n={count})" if count < n else "")
 
 
@@ -210,6 +218,7 @@ def ablation_table(configs: Configs, axis: str, reference: Optional[tuple] = Non
     shown = metric_columns(configs.metrics, ks)
     columns = [("", axis_label(axis))] + [("", axis_label(a)) for a in context] + [("", "n")]
     columns += [_metric_column(m) for m in shown] + [("", "note")]
+    decimals = group_decimals(t, shown)
     rows, bold, sections, data = [], [], {}, []
     for gi, group in enumerate(groups):
         if len(groups) > 1:
@@ -223,7 +232,7 @@ def ablation_table(configs: Configs, axis: str, reference: Optional[tuple] = Non
             cells = [label] + [format_value(row[a]) for a in context] + [str(int(row["n"]))]
             flags = [False] * len(cells)
             for m in shown:
-                d = decimals_for(t[m].tolist())
+                d = decimals[parse_metric(m).column]
                 cells.append(mean_std(row[m], row[f"{m}_std"], int(row[f"{m}_n"]), int(row["n"]), d))
                 flags.append(block_bold[m][r])
             cells.append(row["note"] or "")
@@ -238,11 +247,20 @@ def ablation_table(configs: Configs, axis: str, reference: Optional[tuple] = Non
             data.append(rec)
     notes = ["Cells: mean ± std over seeds (std from two runs on); n = finished runs; "
              "bold = best in its column" + (" within its group." if len(groups) > 1 else ".")
-             + " Lower is better for FID, KID, SWD, energy, idem and drift; higher for the rest."]
+             + " Lower is better for FID, KID, SWD, energy, idem and drift; higher for the rest. " + METRIC_NOTE]
     if note:
         notes.append(note)
     return Table(f"ablation_{_slug(axis)}", f"Ablation over {axis_label(axis)} ({axis})", columns, rows,
                  pd.DataFrame(data), bold, sections, notes, n_label_cols=1 + len(context))
+
+
+def group_decimals(frame: pd.DataFrame, keys: list[str], prefix: str = "") -> dict[str, int]:
+    """Decimals per metric column group (every k of one metric is printed alike)."""
+    groups: dict[str, list] = {}
+    for m in keys:
+        col = f"{prefix}{m}"
+        groups.setdefault(parse_metric(m).column, []).extend(frame[col].tolist() if col in frame else [])
+    return {g: decimals_for(v) for g, v in groups.items()}
 
 
 def _metric_column(m: str) -> tuple[str, str]:
@@ -333,7 +351,8 @@ def runs_table(df: pd.DataFrame, axes: list[str], metrics: list[str], name: str 
     columns = [("", "trial"), ("", "status")] + ([("", "data set")] if multi_ds else [])
     columns += [("", axis_label(a)) for a in axes] + [("", "seed")] + [("", _short_metric(m)) for m in metrics]
     rows, data = [], []
-    decimals = {m: decimals_for(part[f"metrics.{m}"].tolist()) if f"metrics.{m}" in part else 3 for m in metrics}
+    groups = group_decimals(part, metrics, prefix="metrics.")
+    decimals = {m: groups[parse_metric(m).column] for m in metrics}
     for i in range(len(part)):
         r = part.iloc[i]
         st = status.iloc[i]
@@ -392,8 +411,13 @@ def architecture_rows(f, sample_shape: tuple[int, ...]) -> tuple[list[list[str]]
     from torch import nn
     weight_types = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
     shapes: dict[str, tuple] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: shapes.setdefault(name, tuple(inp[0].shape[1:])))
-             for name, m in _sections(f)]
+
+    def remember(name):
+        def hook(module, inp):  # returns None: the input passes unchanged
+            shapes.setdefault(name, tuple(inp[0].shape[1:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(remember(name)) for name, m in _sections(f)]
     was = f.training
     f.eval()
     with torch.no_grad():
@@ -450,7 +474,6 @@ def table1(cfg, run_label: str, device_text: str) -> tuple[Table, Table]:
     import torch
     from torch import nn
     from ign import build_model
-    from harness.data import load_dataset  # noqa: F401 (shape below avoids loading data)
     shape = sample_shape(cfg)
     kw = {"dim": shape[0]} if cfg.model_name() == "mlp2d" else {"channels": shape[0]}
     torch.manual_seed(cfg.seed)

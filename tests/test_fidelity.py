@@ -84,6 +84,7 @@ def precision_recall_knn(gen: np.ndarray, real: np.ndarray, k: int = 3) -> tuple
     return float(precision), float(recall)
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # a few ReLU features are dead: scipy warns, stays exact
 def test_fid_matches_scipy(mnist_sets):
     for other in ("test", "noisy", "gauss"):
         a, b = mnist_sets[other]["features"], mnist_sets["train"]["features"]
@@ -118,11 +119,11 @@ def test_kid_subsets_match_independent_draws():
     imgs = load_images("mnist-test", 1100, seed=2)
     a = fi.extract(imgs, "mnist")
     b = fi.extract(noisy(imgs, 0.3, seed=3), "mnist")
-    m = fi.metrics_from_features(a, b, "mnist", kid_subsets=20, seed=7)
+    m = fi.metrics_from_features(a, b, "mnist", kid_subsets=10, seed=7)
     rng = np.random.RandomState(7)
     fa, fb = a["features"].numpy(), b["features"].numpy()
     mmds = [mmd2_unbiased_cubic(fa[rng.choice(1100, 1000, replace=False)], fb[rng.choice(1100, 1000, replace=False)])
-            for _ in range(20)]
+            for _ in range(10)]
     assert m["kid"] == pytest.approx(np.mean(mmds), rel=1e-6)
     assert m["kid_std"] == pytest.approx(np.std(mmds), rel=1e-4)
 
@@ -132,7 +133,8 @@ def test_precision_recall_match_knn(mnist_sets):
         g, r = mnist_sets[other], mnist_sets["train"]
         m = fi.metrics_from_features(g, r, "mnist")
         p, rc = precision_recall_knn(g["features"].numpy(), r["features"].numpy())
-        assert (m["precision"], m["recall"]) == pytest.approx((p, rc), abs=1e-9), other
+        # torch-fidelity averages in float32
+        assert (m["precision"], m["recall"]) == pytest.approx((p, rc), abs=1e-6), other
 
 
 def test_inception_score_matches_definition(mnist_sets):
