@@ -37,7 +37,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -527,7 +526,8 @@ def mode_metrics(logits: torch.Tensor, min_share: float = MODE_MIN_SHARE) -> dic
     counts = torch.bincount(logits.argmax(1).cpu(), minlength=logits.shape[1]).double()
     p = counts / counts.sum()
     nz = p[p > 0]
-    return {"modes": float((p >= min_share).sum()), "modes_entropy": float(-(nz * nz.log()).sum())}
+    entropy = max(0.0, float(-(nz * nz.log()).sum()))  # max: one class gives -0.0, shown as "-0.0"
+    return {"modes": float((p >= min_share).sum()), "modes_entropy": entropy}
 
 
 # ---------------------------------------------------------------------------------------------

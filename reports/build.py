@@ -339,7 +339,7 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
     for part in parts:
         d = part.df
         pre = f"[{part.dataset}] " if len(parts) > 1 else ""
-        items.append(pre + f"Data set: `{part.dataset}`; model `{_values(D.param(d, 'model.name'))}` "
+        items.append(pre + f"Data set: `{part.dataset}`; model `{_model_names(d, part.dataset)}` "
                      f"(width {_values(D.param(d, 'model.width'))}, latent {_values(D.param(d, 'model.latent'))})"
                      if part.dataset not in ("ring8", "moons") else pre + f"Data set: `{part.dataset}` (2-D toy), "
                      f"MLP hidden {_values(D.param(d, 'model.hidden'))} × depth {_values(D.param(d, 'model.depth'))}")
@@ -347,9 +347,11 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
                      f"{_values(D.param(d, 'train.batch_size'))}, lr {_values(D.param(d, 'optim.lr'))}; "
                      f"{_n_seeds(d)}")
         n_metric = d["metrics.n_samples"] if "metrics.n_samples" in d else pd.Series(dtype=float)
+        n_ref = _values(D.param(d, "eval.n_reference"))
         items.append(pre + f"Evaluation: {_values(n_metric.dropna().astype(int))} generated samples per k "
-                     f"(eval.n_samples = {_values(D.param(d, 'eval.n_samples'))}, reference "
-                     f"{_values(D.param(d, 'eval.n_reference'))} = as many when None), "
+                     f"(eval.n_samples = {_values(D.param(d, 'eval.n_samples'))}) against "
+                     + ("as many real training images" if n_ref == "None" else f"{n_ref} real training images")
+                     + ", "
                      f"k = 1..{_values(D.param(d, 'eval.k'))}, BatchNorm at evaluation: "
                      f"{_values(D.param(d, 'eval.bn_mode'))}, evaluation noise seed {_values(D.param(d, 'eval.seed'))}")
         if part.dataset not in ("ring8", "moons"):
@@ -365,6 +367,12 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
             items.append(pre + f"Best configuration by mean `{part.metric}` ({part.mode}) over seeds: {lab}; "
                          f"best run in it: `{part.best_run}` (trial `{_trial(d, part.best_run)}`)")
     doc.ul(items)
+
+
+def _model_names(d: pd.DataFrame, dataset: str) -> str:
+    from harness.config import DEFAULT_MODEL  # model.name None = the data set's default model
+    names = {DEFAULT_MODEL.get(dataset, "None") if v == "None" else v for v in D.param(d, "model.name")}
+    return ", ".join(sorted(names))
 
 
 def _n_seeds(d: pd.DataFrame) -> str:

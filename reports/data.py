@@ -109,7 +109,7 @@ FAMILY_ORDER = ("fid", "kid", "precision", "recall", "is", "swd", "energy", "mod
 def metric_sort_key(key: str) -> tuple:
     mk = parse_metric(key)
     fam = FAMILY_ORDER.index(mk.family) if mk.family in FAMILY_ORDER else len(FAMILY_ORDER)
-    ext = EXTRACTORS.index(mk.extractor) if mk.extractor in EXTRACTORS else -1
+    ext = EXTRACTORS.index(mk.extractor) if mk.extractor in EXTRACTORS else len(EXTRACTORS)
     return (mk.bn, ext, fam, mk.family, -1 if mk.k is None else mk.k)
 
 

@@ -127,10 +127,11 @@ def fig_metric_vs_axis(configs: Configs, axis: str, folder: Path, ks: Sequence[i
                 x = [pos[str(t.iloc[p][axis])] for p in g]
                 y = np.array([t.iloc[p][key] for p in g], dtype=float)
                 e = np.nan_to_num(np.array([t.iloc[p][f"{key}_std"] for p in g], dtype=float))
-                lab = (f"f^{k}" if k else "") + (" | " + ", ".join(f"{axis_label(a)}={format_value(t.iloc[g[0]][a])}"
+                lab = (fk_label(k, "z") if k else "") + (" | " + ", ".join(f"{axis_label(a)}={format_value(t.iloc[g[0]][a])}"
                                                                      for a in others) if len(groups) > 1 else "")
                 ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, lw=1, color=f"C{si}",
                             ls=("-", "--", ":", "-.")[gi % 4], label=lab.strip(" |") or "mean")
+        ax.margins(x=0.12)
         ax.set_xticks([pos[v] for v in values])
         ax.set_xticklabels([format_value(v) for v in values], rotation=0 if len(values) < 6 else 45, fontsize=8)
         ax.set_xlabel(f"{axis_label(axis)} ({axis})")
@@ -165,18 +166,19 @@ def fig_training_curves(histories: dict[str, dict[str, tuple[list[int], list[flo
     if not any(h.get(k) for h in histories.values() for k, _ in LOSS_PANELS):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(WIDTH_IN, 4.2))
-    keys = sorted({run_config[r] for r in histories}, key=lambda k: sorted(labels).index(k) if k in labels else 0)
-    color = {k: f"C{i % 10}" for i, k in enumerate(sorted(set(keys), key=str))}
+    color = {k: f"C{i % 10}" for i, k in enumerate(labels)}  # labels are in the configurations' order
     seen = set()
     for ax, (key, title) in zip(axes, LOSS_PANELS):
-        for run_id in sorted(histories):
+        order = list(labels)
+        for run_id in sorted(histories, key=lambda r: (order.index(run_config[r]) if run_config[r] in order
+                                                        else len(order), r)):
             steps, vals = histories[run_id].get(key, ([], []))
             if not steps:
                 continue
             ck = run_config[run_id]
             lab = labels.get(ck, str(ck)) if (ck, key) not in seen else None
             seen.add((ck, key))
-            ax.plot(steps, vals, lw=1, alpha=0.85, color=color[ck], label=lab)
+            ax.plot(steps, vals, lw=1, alpha=0.85, color=color.get(ck, "0.5"), label=lab)
         ax.set_xlabel("training step (iterations)")
         ax.set_ylabel(f"{key.split('/')[-1]} (D, mean per sample)")
         ax.set_title(title, fontsize=10)
@@ -256,10 +258,12 @@ def _image_figure(rows: list, row_labels: list[str], title: str, folder: Path, n
     arrays = [_to_rgb(r) for r in rows]
     mosaic = _mosaic(arrays)
     h, w = mosaic.shape[:2]
-    img_w = WIDTH_IN - 1.4
+    labelled = any(row_labels)
+    img_w = WIDTH_IN - 1.4 if labelled else min(WIDTH_IN - 1.4, 7.0 * w / h)  # unlabelled grids: ~7 in tall
+    left = 1.2 if labelled else (WIDTH_IN - img_w) / 2
     fig_h = round(img_w * h / w + 0.9 + (0.3 if col_labels else 0), 1)
     fig = plt.figure(figsize=(WIDTH_IN, fig_h))
-    ax = fig.add_axes([1.2 / WIDTH_IN, 0.25 / fig_h, img_w / WIDTH_IN, (img_w * h / w) / fig_h])
+    ax = fig.add_axes([left / WIDTH_IN, 0.25 / fig_h, img_w / WIDTH_IN, (img_w * h / w) / fig_h])
     ax.imshow(mosaic, interpolation="nearest", aspect="auto")
     cell_h, cell_w = arrays[0].shape[1] + 2, arrays[0].shape[2] + 2
     ax.set_yticks([2 + cell_h * i + cell_h / 2 - 1 for i in range(len(rows))])

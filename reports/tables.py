@@ -170,15 +170,15 @@ def mean_std(mean: float, std: float, count: int, n: int, d: int) -> str:
     configuration's n finished runs reported the metric."""
     if count == 0 or mean is None or math.isnan(mean):
         return MISSING
-    ds = max(d, 1) if not float(std if not math.isnan(std) else 0).is_integer() else d
-    text = fmt(mean, d) + (f" ± {fmt(std, ds)}" if count > 1 and not math.isnan(std) else "")
+    text = fmt(mean, d) + (f" ± {fmt(std, d)}" if count > 1 and not math.isnan(std) else "")
     return text + (f" (n={count})" if count < n else "")
 
 
 def bold_best(values: list[Optional[float]], direction: Optional[str]) -> list[bool]:
-    """Which entries hold the column's best value (ties all bold); none when fewer than two values."""
+    """Which entries hold the column's best value (ties all bold); none when fewer than two values
+    or when they are all equal (nothing to pick)."""
     present = [v for v in values if v is not None and not math.isnan(v)]
-    if direction is None or len(present) < 2:
+    if direction is None or len(present) < 2 or len(set(present)) == 1:
         return [False] * len(values)
     best = min(present) if direction == "min" else max(present)
     return [v is not None and not math.isnan(v) and v == best for v in values]
@@ -239,7 +239,7 @@ def ablation_table(configs: Configs, axis: str, reference: Optional[tuple] = Non
             flags.append(False)
             rows.append(cells)
             bold.append(flags)
-            rec = {"group": gi + 1, axis: row[axis], **{a: row[a] for a in context},
+            rec = {"group": gi + 1, axis: row[axis], **{a: row[a] for a in axes if a != axis},
                    "baseline": bool(reference is not None and row["key"] == reference),
                    "n": int(row["n"]), "n_failed": int(row["n_failed"]), "note": row["note"]}
             for m in shown:
