@@ -174,9 +174,11 @@ def mean_std(mean: float, std: float, count: int, n: int, d: int) -> str:
     return text + (f" (n={count})" if count < n else "")
 
 
-def bold_best(values: list[Optional[float]], direction: Optional[str]) -> list[bool]:
+def bold_best(values: list[Optional[float]], direction: Optional[str], decimals: Optional[int] = None) -> list[bool]:
     """Which entries hold the column's best value (ties all bold); none when fewer than two values
-    or when they are all equal (nothing to pick)."""
+    or when they are all equal (nothing to pick). With `decimals`, values are compared as printed."""
+    if decimals is not None:
+        values = [None if v is None or math.isnan(v) else round(v, decimals) for v in values]
     present = [v for v in values if v is not None and not math.isnan(v)]
     if direction is None or len(present) < 2 or len(set(present)) == 1:
         return [False] * len(values)
@@ -225,7 +227,8 @@ def ablation_table(configs: Configs, axis: str, reference: Optional[tuple] = Non
             sections[len(rows)] = "group " + str(gi + 1) + ": " + ", ".join(
                 f"{axis_label(a)} = {format_value(t.iloc[group[0]][a])}" for a in axes if a != axis) \
                 if len(axes) > 1 else f"group {gi + 1}"
-        block_bold = {m: bold_best([_val(t.iloc[p], m) for p in group], parse_metric(m).direction) for m in shown}
+        block_bold = {m: bold_best([_val(t.iloc[p], m) for p in group], parse_metric(m).direction,
+                                   decimals[parse_metric(m).column]) for m in shown}
         for r, p in enumerate(group):
             row = t.iloc[p]
             label = format_value(row[axis]) + (" (baseline)" if reference is not None and row["key"] == reference else "")
@@ -309,7 +312,7 @@ def k_tables(configs: Configs, key: tuple, label: str, name_suffix: str = "") ->
         rows, bold, data = [], [], []
         decimals = {f: decimals_for([row.get(fams[f].get(k)) for k in ks if fams[f].get(k)]) for f in fams}
         best = {f: bold_best([_val(row, fams[f][k]) if k in fams[f] else None for k in ks],
-                             parse_metric(next(iter(fams[f].values()))).direction) for f in fams}
+                             parse_metric(next(iter(fams[f].values()))).direction, decimals[f]) for f in fams}
         for i, k in enumerate(ks):
             cells, flags, rec = [str(k), str(n)], [False, False], {"k": k, "n": n}
             for f in fams:
