@@ -20,8 +20,8 @@ KEEP = 2
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A missing, truncated or foreign checkpoint (one-line message; the CLI exits 2)."""
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, payload: dict[str, Any], keep: int = KEEP) -> Path:

@@ -319,7 +319,7 @@ def project(f: nn.Module, data: Data, cfg: TrialConfig, tasks: Optional[Sequence
     _check_shape(f, data)
     device = torch.device(device) if device is not None else next(f.parameters()).device
     extractor = extractor or default_extractor(data)
-    n = n or default_n(data, device, extractor)
+    n = default_n(data, device, extractor) if n is None else n
     if n < 2:
         raise ValueError(f"n: must be >= 2, got {n}")
     n = min(n, len(data.test))
@@ -415,6 +415,15 @@ def projection_table(result: dict) -> list[dict]:
         return (bn, t, task, mo)
 
     return [rows[key] for key in sorted(rows, key=order)]
+
+
+def projection_metrics(result: dict) -> dict[str, float]:
+    """Only the numeric measures of a project / interpolation_smoothness / latent_arithmetic result
+    (the keys a metrics sink such as MLflow logs): `proj_<task>_<measure>_<method>[_bneval]`,
+    `interp_mean|max_k<k>`, `arith_success|base|pool_k<k>`, `judge_*`."""
+    keep = re.compile(r"^(proj_[A-Za-z0-9]+_[a-z]+_(k\d+|base|real)(_bneval)?|interp_(mean|max)_k\d+|"
+                      r"arith_(success|base|pool)_k\d+|judge_\w+)$")
+    return {k: float(v) for k, v in result.items() if keep.match(k) and isinstance(v, (int, float))}
 
 
 _FORMATS = {"psnr": "{:.2f}", "ssim": "{:.3f}", "drift": "{:.4f}", "fid": "{:.2f}", "kid": "{:.4f}", "acc": "{:.3f}"}

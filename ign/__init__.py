@@ -5,7 +5,8 @@ Names are loaded on first use (PEP 562), so `import ign.config` stays torch-free
 import importlib
 
 _EXPORTS = {
-    "degrade": ("DEGRADATIONS", "add_noise", "degrade", "grayscale", "mask", "sketch"),
+    # (the function ign.degrade.degrade is not re-exported: its name is the submodule's)
+    "degrade": ("DEGRADATIONS", "add_noise", "grayscale", "mask", "sketch"),
     "losses": ("ign_losses", "lambda_tight_at", "per_sample_distance", "train_step"),
     "config": ("LossConfig",),
     "models": ("MODELS", "build_model", "register_model"),

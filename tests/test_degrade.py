@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ign import DEGRADATIONS, add_noise, degrade, grayscale, mask, sketch
+from ign import DEGRADATIONS, add_noise, grayscale, mask, sketch
+from ign.degrade import degrade
 
 SIGMA_21 = 0.3 * ((21 - 1) * 0.5 - 1) + 0.8   # PyTorch's default sigma for kernel 21 (appendix C)
 
