@@ -73,6 +73,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(250, ge=2)          # generation / feature batch size
     seed: int = 1234                            # the fixed evaluation noise
     grid: int = Field(64, ge=0)                 # samples in the f^1..f^k PNG grid (0 = none)
+    project: list[Literal["noise", "grayscale", "sketch", "mask"]] = []  # projection tasks measured at the end (issue 6)
+    project_n: int = Field(500, ge=2)           # held-out images per projection task
 
 
 class TrialConfig(_Section):
@@ -101,6 +103,8 @@ class TrialConfig(_Section):
             raise ValueError(f"model.name: 'mlp2d' is for toy data; for {self.data.dataset} allowed: dcgan28, dcgan64")
         if toy and self.model_name() != "mlp2d":
             raise ValueError(f"model.name: {self.model_name()!r} cannot model 2-D toy data; allowed: mlp2d")
+        if toy and self.eval.project:
+            raise ValueError("eval.project: projection needs image data; toy data sets allow: []")
         if self.data.dataset == "folder" and not self.data.root:
             raise ValueError("data.root: required for dataset 'folder' (a folder of images)")
         return self

@@ -130,9 +130,13 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Optional[Report] = 
             "model": f.state_dict(), "optimizer": opt.state_dict(),
             "config": cfg.model_dump(mode="json"), "shape": list(data.shape), "dataset": data.name})
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, final: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         metrics = evaluate(f, data, cfg, device=device, noise=noise)
+        if final and cfg.eval.project:  # the global-projector measures: once, at the end
+            from .project import project, projection_metrics
+            metrics.update(projection_metrics(project(f, data, cfg, tasks=cfg.eval.project, k=cfg.eval.k,
+                                                      n=cfg.eval.project_n, device=device)))
         metrics["eval_time_s"] = time.perf_counter() - t
         report({"step": step, **metrics})
         return metrics
@@ -163,7 +167,7 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Optional[Report] = 
     bar.close()
     final_step = done
     checkpoint(final_step)
-    last = run_eval(final_step)
+    last = run_eval(final_step, final=True)
     eval_time += last["eval_time_s"]
     save_samples(f, noise, data, cfg, out / "samples", device)
     final = {**last, "step": final_step, "train_time_s": train_time, "eval_time_s": eval_time}

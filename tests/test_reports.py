@@ -210,7 +210,8 @@ def test_report_tables_equal_mlflow(smoke_report):
     md = (out / "report.md").read_text()
     exp = client.get_experiment_by_name("smoke")
     for text in (f"(id {exp.experiment_id})", smoke_report["uri"], best.data.tags["git_commit"],
-                 "1000 generated samples per k", "300 steps at batch size 512", "Device: `auto`",
+                 f"{p['eval.n_samples']} generated samples per k",
+                 f"{p['train.steps']} steps at batch size {p['train.batch_size']}", f"Device: `{p['device']}`",
                  best.info.run_id):
         assert text in md, text
     for name in ("csv", "md", "tex"):
@@ -313,5 +314,6 @@ def test_cli_report_and_paper(cli, smoke_sweep, tmp_path):
     r = cli("paper", "--dry-run", "--device", "cpu", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/p.db"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"sweep": "paper-cpu"' in r.stderr and '"will_run": true' in r.stderr
-    r = cli("paper", "--device", "tpu", "--dry-run", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/p.db"})
-    assert r.returncode == 2 and "device: unknown value 'tpu'" in r.stderr
+    from reports.build import make_paper
+    with pytest.raises(ValueError, match="device: unknown value 'tpu'"):
+        make_paper(device="tpu", dry_run=True)

@@ -105,3 +105,16 @@ def test_theorem1_on_the_ring(tmp_path):
     assert modes >= 7
     assert final["modes_k1"] >= 7  # the harness's own evaluation agrees
     assert final["train_time_s"] <= 60 or cpu_s <= 60
+
+
+def test_projection_measures_are_reported_when_enabled(tmp_path):
+    cfg = build_config({"data.dataset": "mnist", "data.limit": 512, "train.steps": 3, "train.batch_size": 16,
+                        "eval.extractors": [], "eval.n_samples": 32, "eval.grid": 0, "eval.k": 2,
+                        "eval.project": ["noise", "mask"], "eval.project_n": 16})
+    log = []
+    final = run_trial(cfg, tmp_path, report=log.append, progress=False)
+    for task in ("noise", "mask"):
+        for k in (1, 2):
+            assert 0 < final[f"proj_{task}_psnr_k{k}"] < 100
+        assert f"proj_{task}_psnr_base" in final and f"proj_{task}_acc_k1" in final
+    assert "proj_noise_psnr_k1" in log[-1]  # reported, so a sweep logs it to MLflow
