@@ -152,7 +152,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 # Subcommands that live with their code; each module has add_cli(subparsers). Only the module of
 # the command being run is imported, so `ign-bench sweep bad.yaml` fails in well under a second
 # instead of first importing torch-fidelity, MLflow and Ray.
-PLUGINS = {"fid": "harness.fidelity", "evaluate": "harness.evaluate", "sweep": "harness.sweep",
+PLUGINS = {"fid": "harness.fidelity", "evaluate": "harness.evaluate_cli", "sweep": "harness.sweep",
            "ui": "harness.tracking", "project": "harness.project", "report": "reports.build",
            "paper": "reports.build", "bench": "harness.bench"}
 

@@ -350,7 +350,8 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
         n_ref = _values(D.param(d, "eval.n_reference"))
         items.append(pre + f"Evaluation: {_values(n_metric.dropna().astype(int))} generated samples per k "
                      f"(eval.n_samples = {_values(D.param(d, 'eval.n_samples'))}) against "
-                     + ("as many real training images" if n_ref == "None" else f"{n_ref} real training images")
+                     + ("as many fresh samples of the distribution" if part.dataset in ("ring8", "moons") else
+                        "as many real training images" if n_ref == "None" else f"{n_ref} real training images")
                      + ", "
                      f"k = 1..{_values(D.param(d, 'eval.k'))}, BatchNorm at evaluation: "
                      f"{_values(D.param(d, 'eval.bn_mode'))}, evaluation noise seed {_values(D.param(d, 'eval.seed'))}")

@@ -85,10 +85,10 @@ def parse_metric(key: str) -> MetricKey:
 
 def result_metrics(df: pd.DataFrame) -> list[str]:
     """The evaluation results among a runs frame's metrics (no training losses, bookkeeping,
-    estimator spreads or projection keys), sorted by (column, k)."""
+    estimator spreads or projection keys; none that no run logged), sorted by (column, k)."""
     keys = []
     for col in df.columns:
-        if not col.startswith("metrics."):
+        if not col.startswith("metrics.") or df[col].isna().all():
             continue
         key = col[len("metrics."):]
         if "/" in key or key in NOT_RESULTS or key.startswith(("proj_", "arith_", "interp_", "judge_")):

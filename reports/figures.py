@@ -259,7 +259,9 @@ def _image_figure(rows: list, row_labels: list[str], title: str, folder: Path, n
     mosaic = _mosaic(arrays)
     h, w = mosaic.shape[:2]
     labelled = any(row_labels)
-    img_w = WIDTH_IN - 1.4 if labelled else min(WIDTH_IN - 1.4, 7.0 * w / h)  # unlabelled grids: ~7 in tall
+    ncol = max(len(r) for r in rows)
+    # labelled rows: at most 1.6 in per image; unlabelled grids: about 7 in tall
+    img_w = min(WIDTH_IN - 1.4, 1.6 * ncol) if labelled else min(WIDTH_IN - 1.4, 7.0 * w / h)
     left = 1.2 if labelled else (WIDTH_IN - img_w) / 2
     fig_h = round(img_w * h / w + 0.9 + (0.3 if col_labels else 0), 1)
     fig = plt.figure(figsize=(WIDTH_IN, fig_h))
@@ -348,21 +350,21 @@ def fig_uncurated(model: Model, folder: Path, k: int = 4, seed: int = 1) -> list
     return figs
 
 
-def fig_projection(model: Model, folder: Path, tasks: Sequence[str], k: int = 3, n: int = 8,
+def fig_projection(model: Model, folder: Path, tasks: Sequence[str], k: int = 2, n: int = 8,
                    seed: int = 0) -> Figure:
-    """Paper Fig. 5: clean test images x, degraded inputs y, and f(y)..f^k(y), one block per task.
+    """Paper Fig. 5: clean test images x, then per task the degraded inputs y and f(y)..f^k(y).
     Projection runs on BN_PAD degraded test images (BN batch statistics), the first n are shown."""
     import torch
     from harness.data import to_model_range
     from ign.degrade import degrade
     names = {"noise": "x + n (σ = 0.15)", "grayscale": "g(x)", "sketch": "s(x)", "mask": "masked x"}
     x = to_model_range(model.data.test[:max(n, BN_PAD)])
-    rows, labels = [], []
+    rows, labels = [x[:n]], ["x (clean)"]
     for task in tasks:
         y = degrade(task, x, generator=torch.Generator().manual_seed(seed))
         outs = forward_k(model, y, k, seed)
-        rows += [x[:n], y[:n].clamp(-1, 1)] + [o[:n] for o in outs]
-        labels += [f"{task}: x", names.get(task, task)] + [fk_label(j, "y") for j in range(1, k + 1)]
+        rows += [y[:n].clamp(-1, 1)] + [o[:n] for o in outs]
+        labels += [f"y = {names.get(task, task)}"] + [fk_label(j, "y") for j in range(1, k + 1)]
     return _image_figure(rows, labels, f"Projection of degraded test images ({model.label})", folder,
                          "fig5_projection", f"Fig. 5: degraded held-out images y ({', '.join(tasks)}) projected "
                          f"with f^1..f^{k}; first rows: the clean images.")

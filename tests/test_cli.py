@@ -54,3 +54,19 @@ def test_bad_input_in_a_fresh_process(cli, tmp_path):
     r = cli("train", "--dataset", "nope", "--out", tmp_path / "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("ign-bench train: error: data.dataset")
+
+
+def test_evaluate_a_checkpoint(tmp_path, capsys):
+    from harness.config import build_config
+    from harness.trial import run_trial
+    run_trial(build_config({"data.dataset": "ring8", "train.steps": 20, "eval.grid": 0, "eval.n_samples": 100,
+                            "model.hidden": 32, "model.depth": 2}), tmp_path, progress=False)
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(tmp_path), "--k", "2", "--n", "300", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["step"] == 20 and res["n_samples"] == 300
+    assert all(f"{m}_k{k}" in res for m in ("swd", "energy", "idem") for k in (1, 2))
+    table = capsys.readouterr().out
+    assert "k=1" in table and "k=2" in table and "swd" in table
+    assert main(["evaluate", str(tmp_path), "--k", "0"]) == 2
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
