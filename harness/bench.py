@@ -348,39 +348,49 @@ def sweep_overhead(tmp: Path, env: dict[str, str], spec_name: str = "smoke", tim
     from .sweep import load_spec
     spec = load_spec(spec_name)
     storage = tmp / "ray"
+    tmp.mkdir(parents=True, exist_ok=True)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "IGN_BENCH_STORAGE": str(storage)}
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", spec_name, "--storage", str(storage),
                            "--fresh"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     t1 = time.time()
-    wall = t1 - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"sweep {spec_name} failed (exit {proc.returncode}): {' | '.join(tail)}")
+    return split_sweep_time(storage / spec.name, spec.max_concurrent, t0, t1)
+
+
+def split_sweep_time(sweep_dir: Path, slots: int, t0: float, t1: float) -> dict:
+    """The split of a finished sweep that ran from t0 to t1 (epoch seconds) with `slots` trials at
+    once, from its trials' final.json (train_time_s, eval_time_s), the times config.json (trial
+    start, after its data and model are built) and final.json (trial end) were written, and
+    summary.json (run_sweep's own wall time)."""
+    wall = t1 - t0
     trials = []
-    for final in sorted((storage / spec.name / "trials").glob("*/final.json")):
+    for final in sorted((Path(sweep_dir) / "trials").glob("*/final.json")):
         d = json.loads(final.read_text())
-        start = (final.parent / "config.json").stat().st_mtime
-        trials.append({"train": d["train_time_s"], "eval": d["eval_time_s"], "start": start,
-                       "end": final.stat().st_mtime})
-    slots = spec.max_concurrent
+        trials.append({"train": d["train_time_s"], "eval": d["eval_time_s"],
+                       "start": (final.parent / "config.json").stat().st_mtime, "end": final.stat().st_mtime})
+    if not trials:
+        raise RuntimeError(f"sweep: no finished trials under {sweep_dir}")
     capacity = slots * wall
     train = sum(t["train"] for t in trials)
     ev = sum(t["eval"] for t in trials)
-    summary = json.loads((storage / spec.name / "summary.json").read_text())
+    summary = json.loads((Path(sweep_dir) / "summary.json").read_text())
     first_start = min(t["start"] for t in trials)
     last_end = max(t["end"] for t in trials)
-    in_trials = sum(t["end"] - t["start"] - t["train"] - t["eval"] for t in trials)
     return {
         "wall_s": wall, "trials": len(trials), "slots": slots, "train_s": train, "eval_s": ev,
         "other_s": capacity - train - ev, "train_share": train / capacity, "eval_share": ev / capacity,
         "other_share": 1 - (train + ev) / capacity,
         "breakdown": {
-            "before_first_trial_s": first_start - t0,    # imports, spec, Ray start, worker start, data, model
-            "cli_before_run_sweep_s": wall - summary["wall_time_s"],   # part of it: imports and validation
-            "inside_trials_s": in_trials,                # checkpoints, samples, reports (slot-seconds)
-            "after_last_trial_s": t1 - last_end,         # last results, MLflow, summary, Ray shutdown
+            # interpreter, imports, spec, Ray start, trial actors, torch import, data and model
+            "before_first_trial_s": first_start - t0,
+            "cli_before_run_sweep_s": wall - summary["wall_time_s"],  # the part before run_sweep
+            # checkpoints, sample grids, report calls (slot-seconds, summed over trials)
+            "inside_trials_s": sum(t["end"] - t["start"] - t["train"] - t["eval"] for t in trials),
+            "after_last_trial_s": t1 - last_end,  # last results, MLflow, summary, Ray shutdown
             "trial_span_s": last_end - first_start,
         },
     }

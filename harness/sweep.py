@@ -210,7 +210,8 @@ def swept_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The values that distinguish this trial (for run names and the live table)."""
     out = {k: v for k, v in config.items() if k != "variant"}
     if "variant" in config:
-        out.update(json.loads(config["variant"]))
+        variant = json.loads(config["variant"])
+        out.update(variant or {"variant": "baseline"})  # the base config itself, named as such
     return out
 
 

@@ -39,7 +39,7 @@ import pandas as pd
 
 from . import data as D
 from .figures import Figure
-from .tables import MISSING, Table, axis_label, k_tables, projection_tables, runs_table, table1
+from .tables import MISSING, Table, ablation_table, axis_label, k_tables, projection_tables, runs_table, table1
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +227,10 @@ def config_labels(configs: D.Configs, reference: Optional[tuple]) -> dict[tuple,
     """Short names of configurations: the diff from the baseline for one-factor variants
     ("λt=0.3"; the baseline is "baseline"), else every axis value."""
     out = {}
-    for key in configs.table["key"]:
+    keys = list(configs.table["key"])
+    if reference is not None and reference in keys:  # the baseline first (legends, colours)
+        keys = [reference] + [k for k in keys if k != reference]
+    for key in keys:
         if not configs.axes:
             out[key] = "all runs"
             continue
@@ -331,10 +334,12 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
     if scale_note:
         items.append(f"Scale: {scale_note}")
     if len(df):
-        items.append("Git commit(s): " + ", ".join(f"`{c}`" for c in sorted(set(D.tag(df, "git_commit"))) if c))
+        commits = sorted({c for c in D.tag(df, "git_commit") if c})
+        items.append("Git commit(s): " + (", ".join(f"`{c}`" for c in commits) or "not recorded"))
         dur = ((df["end_time"] - df["start_time"]).dt.total_seconds()
                if "end_time" in df and "start_time" in df else pd.Series(dtype=float))
-        if dur.notna().any():
+        dur = dur[D.run_status(df) != "RUNNING"] if len(dur) else dur
+        if dur.notna().any() and dur.sum() > 0:
             items.append(f"Run time: {dur.sum() / 60:.1f} min summed over runs (longest {dur.max() / 60:.1f} min)")
     for part in parts:
         d = part.df
@@ -431,8 +436,9 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
         doc.h(2, f"Data set `{part.dataset}`")
     lvl = 3 if multi else 2
     c = part.configs
-    finished = int((D.run_status(part.df) == D.FINISHED).sum())
     failed = part.df[D.run_status(part.df) != D.FINISHED]
+    failed = failed.iloc[sorted(range(len(failed)), key=lambda i: (D.tag(failed, "trial_id").iloc[i],
+                                                                    failed["run_id"].iloc[i]))]
     if len(failed):
         doc.h(lvl, "Gaps")
         doc.ul([f"trial `{D.tag(failed, 'trial_id').iloc[i] or failed['run_id'].iloc[i]}` "
@@ -447,14 +453,14 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
 
     # Table 1
     best_row = part.df[part.df["run_id"] == part.best_run].iloc[0] if part.best_run else None
+    doc.h(lvl, "Table 1, regenerated")
     cfg = None
     if best_row is not None:
         try:
             cfg = config_from_params(best_row)
         except Exception as e:
-            doc.p(f"Table 1 skipped: the best run's params do not rebuild a config ({type(e).__name__}: "
+            doc.p(f"{MISSING} skipped: the best run's params do not rebuild a config ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200]}).")
-    doc.h(lvl, "Table 1, regenerated")
     if cfg is not None:
         arch, hyp = table1(cfg, f"run {_trial(part.df, part.best_run)} ({part.labels.get(part.best, '')})",
                            _values(D.param(part.df[part.df['run_id'] == part.best_run], "device")))
@@ -465,7 +471,7 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
         for t in (arch, hyp):
             doc.table(t)
             tables.append(t)
-    else:
+    elif best_row is None:
         doc.p(f"{MISSING} no finished run with metrics: Table 1 needs a run's config.")
 
     # k-table of the best configuration
@@ -482,7 +488,7 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
     if not c.axes:
         doc.p("Nothing was swept apart from seeds: no ablation tables.")
     for axis in c.axes:
-        t = _ablation(c, axis, part.reference)
+        t = ablation_table(c, axis, part.reference)
         if t is None:
             continue
         t.name += sfx
@@ -538,11 +544,6 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
     doc.table(t)
     tables.append(t)
     return tables, figs
-
-
-def _ablation(c: D.Configs, axis: str, reference):
-    from .tables import ablation_table
-    return ablation_table(c, axis, reference)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from .data import Configs, format_value, metric_label, one_factor_groups, parse_metric, parse_value  # noqa: E402
 from .tables import axis_label  # noqa: E402
@@ -42,11 +41,23 @@ class Figure:
         return f"figures/{self.name}.png"
 
 
-def _save(fig, folder: Path, name: str, caption: str) -> Figure:
+def _save(fig, folder: Path, name: str, caption: str, palette: bool = True) -> Figure:
+    """Write the figure as figures/<name>.png at DPI. Plots are stored with a 256-colour palette
+    (a third of the bytes, no visible change: a report with every figure inlined stays small);
+    `palette=False` keeps full colour (image grids)."""
+    import io
+    from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     w, h = fig.get_size_inches()
-    fig.savefig(folder / f"{name}.png", dpi=DPI, metadata=PNG_META)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_META)
     plt.close(fig)
+    path = folder / f"{name}.png"
+    if palette:
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        img.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, "PNG", optimize=True)
+    else:
+        path.write_bytes(buf.getvalue())
     return Figure(name, caption, int(round(w * DPI)), int(round(h * DPI)))
 
 
@@ -163,7 +174,7 @@ def fig_training_curves(histories: dict[str, dict[str, tuple[list[int], list[flo
                         run_config: dict[str, tuple], labels: dict[tuple, str], folder: Path,
                         name: str = "training_curves") -> Optional[Figure]:
     """L_rec, L_idem and L_tight against the training step, a line per run coloured by configuration."""
-    if not any(h.get(k) for h in histories.values() for k, _ in LOSS_PANELS):
+    if not any(h.get(k, ([], []))[0] for h in histories.values() for k, _ in LOSS_PANELS):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(WIDTH_IN, 4.2))
     color = {k: f"C{i % 10}" for i, k in enumerate(labels)}  # labels are in the configurations' order
@@ -280,7 +291,7 @@ def _image_figure(rows: list, row_labels: list[str], title: str, folder: Path, n
     for s in ax.spines.values():
         s.set_visible(False)
     fig.suptitle(title, fontsize=11, y=1 - 0.15 / fig_h, va="top")
-    return _save(fig, folder, name, caption)
+    return _save(fig, folder, name, caption, palette=False)
 
 
 def _scatter_panels(model: Model, panels: list[tuple[str, Any]], title: str, folder: Path, name: str,

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from .data import (AXIS_LABELS, Configs, FINISHED, format_value, metric_label, one_factor_groups,
-                   param, parse_metric, parse_value, run_status, tag, value_sort_key)
+from .data import (AXIS_LABELS, Configs, format_value, metric_label, one_factor_groups, param, parse_metric,
+                   run_status, tag, value_sort_key)
 
 METRIC_NOTE = ("idem at k = D(f^(k+1)(z), f^k(z)); drift = D(f(x), x) on held-out data; "
                "k = number of applications of f to the evaluation noise.")

@@ -302,18 +302,21 @@ def test_failed_run_and_missing_metric_are_marked(smoke_sweep, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_report_and_paper(cli, smoke_sweep, tmp_path):
-    env = {"MLFLOW_TRACKING_URI": smoke_sweep["uri"]}
-    r = cli("report", "no_such_sweep", "--out", tmp_path / "x", env=env)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("ign-bench report: error: sweep: no MLflow experiment 'no_such_sweep'")
-    assert not (tmp_path / "x").exists()
-    r = cli("report", "smoke", "--out", tmp_path / "rep", "--no-checkpoint-figures", env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_cli_report_and_paper(smoke_sweep, tmp_path, capsys, monkeypatch):
+    """`ign-bench report` / `paper` through harness.cli.main (in process: the modules are loaded)."""
+    from harness.cli import main
+    uri = smoke_sweep["uri"]
+    assert main(["report", "no_such_sweep", "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ign-bench report: error: sweep: no MLflow experiment 'no_such_sweep'")
+    assert "allowed: smoke" in err[-1] and not (tmp_path / "x").exists()
+    assert main(["report", "smoke", "--out", str(tmp_path / "rep"), "--tracking-uri", uri,
+                 "--no-checkpoint-figures"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "rep" / "report.md")
     assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "tables" / "runs.csv").is_file()
-    r = cli("paper", "--dry-run", "--device", "cpu", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/p.db"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert '"sweep": "paper-cpu"' in r.stderr and '"will_run": true' in r.stderr
-    from reports.build import make_paper
-    with pytest.raises(ValueError, match="device: unknown value 'tpu'"):
-        make_paper(device="tpu", dry_run=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/p.db")
+    assert main(["paper", "--dry-run", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert '"sweep": "paper-cpu"' in err and '"will_run": true' in err and "reduced CPU scale" in err
+    assert main(["paper", "--dry-run", "--device", "tpu"]) == 2
+    assert "device: unknown value 'tpu'" in capsys.readouterr().err
