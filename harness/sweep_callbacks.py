@@ -46,7 +46,7 @@ class MLflowCallback(Callback):
             cfg = build_config(trial_overrides(self.spec, trial.config), preset=self.spec.preset)
             swept = swept_params(self.spec, trial.config)
             tags = {"sweep": self.spec.name, "git_commit": self.commit, "dataset": cfg.data.dataset,
-                    "swept": ",".join(sorted(swept)), "trial_dir": str(self.sweep_dir / "trials" / tid),
+                    "swept": ",".join(sorted(k for k in swept if k != "variant")), "trial_dir": str(self.sweep_dir / "trials" / tid),
                     "mlflow.note.content": self.spec.description}
             self.run_ids[tid] = self.tracker.start_run(tid, run_name(tid, swept), cfg.flat(), tags)
         return self.run_ids[tid]
