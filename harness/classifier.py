@@ -77,7 +77,8 @@ def file_hash(path: Path, length: int = 12) -> str:
 class MnistCNN(nn.Module):
     """conv3x3(16)-BN-ReLU-pool, conv3x3(32)-BN-ReLU-pool, fc(128)-ReLU (the features), fc(10).
 
-    Small on purpose: it trains to > 99% test accuracy in about a minute on 2 CPU cores."""
+    Small on purpose: 3 epochs reach 99.24% test accuracy (seed 0) at about 20 s per epoch on 2
+    idle CPU cores (several minutes when the cores are shared)."""
 
     def __init__(self):
         super().__init__()

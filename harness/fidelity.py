@@ -469,7 +469,8 @@ def metrics_from_features(gen: dict, ref: dict, extractor: Optional[str] = None,
             counts every subset is the whole set, so one is computed.
         seed: torch-fidelity's rng_seed for KID subsets and the IS shuffle.
     Returns a dict of floats: `fid` (frechet_distance); `kid` (mean) and `kid_std` over subsets of
-    min(1000, N_gen, N_ref); `precision`, `recall` (k = 3 nearest-neighbour balls, gen vs ref);
+    min(1000, N_gen, N_ref); `precision`, `recall` (k = 3 nearest-neighbour balls, gen vs ref;
+    smaller k only when a set has 3 samples or fewer);
     with logits `is` and `is_std` (10 splits, or N when fewer); for "mnist" `modes` (classes
     predicted for at least 1% of samples) and `modes_entropy` (nats, of the predicted-class histogram).
     """

@@ -238,7 +238,11 @@ def trainable(config: dict[str, Any], spec_json: str, sweep_dir: str) -> None:
                      "node_id": node})
         buffer.clear()
 
-    run_trial(cfg, Path(sweep_dir) / "trials" / trial_id, report=report, progress=False)
+    out = Path(sweep_dir) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    # where this trial runs, for operators (and the fault-injection tests)
+    (out / "worker.json").write_text(json.dumps({"pid": os.getpid(), "node_id": node}))
+    run_trial(cfg, out, report=report, progress=False)
 
 
 def run_sweep(spec: SweepSpec, storage: Optional[Path] = None, fresh: bool = False,
@@ -253,7 +257,9 @@ def run_sweep(spec: SweepSpec, storage: Optional[Path] = None, fresh: bool = Fal
     started = time.time()
     _prepare(spec)  # classifier, Inception weights, reference features: once, before any trial
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+        # No RAY_ADDRESS: always a private local instance ("local"), never a cluster that some
+        # other `ray start` on this machine happens to be running.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=verbose > 1)
     fn = tune.with_resources(tune.with_parameters(trainable, spec_json=spec.model_dump_json(),
                                                   sweep_dir=str(sweep_dir)),

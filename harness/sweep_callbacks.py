@@ -26,6 +26,10 @@ def run_name(trial_id: str, params: dict[str, Any]) -> str:
     return " ".join([f"t{idx}"] + parts)[:250]
 
 
+# String values a trial reports that become run tags (what stands behind the numbers).
+TEXT_TAGS = ("inception_weights", "mnist_weights", "bn_mode", "node_id", "device")
+
+
 class MLflowCallback(Callback):
     """One MLflow run per trial, written from the driver only (see harness.tracking)."""
 
@@ -47,7 +51,8 @@ class MLflowCallback(Callback):
             swept = swept_params(self.spec, trial.config)
             tags = {"sweep": self.spec.name, "git_commit": self.commit, "dataset": cfg.data.dataset,
                     "swept": ",".join(sorted(k for k in swept if k != "variant")), "trial_dir": str(self.sweep_dir / "trials" / tid),
-                    "mlflow.note.content": self.spec.description}
+                    "mlflow.note.content": self.spec.description,
+                    "sweep_metric": self.spec.metric, "sweep_mode": self.spec.mode}
             self.run_ids[tid] = self.tracker.start_run(tid, run_name(tid, swept), cfg.flat(), tags)
         return self.run_ids[tid]
 
@@ -57,7 +62,7 @@ class MLflowCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run(trial)
         self.tracker.log_metrics(run_id, metric_rows(result))
-        text = {k: v for k, v in result.items() if k in ("inception_weights", "bn_mode", "node_id") and isinstance(v, str)}
+        text = {k: v for k, v in result.items() if k in TEXT_TAGS and isinstance(v, str)}
         if text:
             self.tracker.set_tags(run_id, text)
 

@@ -87,8 +87,10 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         location = None
-        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
-            location = (DEFAULT_ARTIFACTS / name).as_uri()  # artifacts beside the store, not in cwd
+        if self.uri.startswith("sqlite:///"):  # artifacts beside the database file, not in the cwd
+            db = Path(self.uri[len("sqlite:///"):])
+            root = DEFAULT_ARTIFACTS if db.resolve() == DEFAULT_DB.resolve() else db.parent / "mlartifacts"
+            location = (root / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     def find_run(self, trial_id: str) -> Optional[str]:

@@ -138,6 +138,10 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Optional[Report] = 
             metrics.update(projection_metrics(project(f, data, cfg, tasks=cfg.eval.project, k=cfg.eval.k,
                                                       n=cfg.eval.project_n, device=device)))
         metrics["eval_time_s"] = time.perf_counter() - t
+        metrics["device"] = str(device)
+        if "mnist" in cfg.eval.extractors:
+            from .fidelity import extractor_hash
+            metrics["mnist_weights"] = extractor_hash("mnist")
         report({"step": step, **metrics})
         return metrics
 

@@ -524,11 +524,19 @@ def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figu
         metrics = {k[len("metrics."):]: float(v) for k, v in best_row.items()
                    if k.startswith("metrics.proj_") and isinstance(v, float) and not math.isnan(v)}
         t = projection_tables(metrics, f"run {_trial(part.df, part.best_run)}")
+        latent = {k[len("metrics."):]: float(v) for k, v in best_row.items()
+                  if k.startswith(("metrics.interp_", "metrics.arith_", "metrics.judge_"))
+                  and isinstance(v, float) and not math.isnan(v)}
+        if t is not None or latent:
+            doc.h(lvl, "Projection and latent operations (best run)")
         if t is not None:
             t.name += sfx
-            doc.h(lvl, "Projection benchmark")
             doc.table(t)
             tables.append(t)
+        if latent:
+            doc.p("Latent operations measured by the run (harness.project: interpolation smoothness = path "
+                  "length / chord in feature space; arithmetic success = share of edits judged to have the attribute):")
+            doc.ul([f"`{k}` = {v:.4g}" for k, v in sorted(latent.items())])
 
     # the paper's figures from the best checkpoint
     doc.h(lvl, "The paper's figures, from the best run's checkpoint")

@@ -203,6 +203,24 @@ def test_converted_inception_matches_torchscript():
     assert float((got["features"] - want).abs().max()) < 1e-4
 
 
+def test_inception_weights_with_head_give_is(tmp_path):
+    """With a weights file that has the 1008-way head (as torch-fidelity's own download), the stock
+    extractor is used and IS appears; the head here is random, only the code path is checked."""
+    sd = torch.load(fi.extractor_info("inception")["path"], weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    sd["fc.weight"], sd["fc.bias"] = 0.01 * torch.randn(1008, 2048, generator=g), torch.zeros(1008)
+    path = tmp_path / "with-head.pth"
+    torch.save(sd, path)
+    info = fi.extractor_info("inception", weights=path)
+    assert info["has_logits"] and info["source"] == "argument" and info["torch_fidelity_name"] == fi.TF_INCEPTION
+    assert info["hash"] != fi.extractor_hash("inception")  # other weights, other cache keys
+    x = gaussian_images(6, (3, 32, 32))
+    feats = fi.extract(x, "inception", weights=path)
+    assert feats["logits"].shape == (6, 1008)
+    m = fi.metrics_from_features(feats, feats, "inception")
+    assert math.isfinite(m["is"]) and "modes" not in m
+
+
 @pytest.mark.slow
 def test_sanity_ordering_inception():
     n = 100  # 400 images through Inception (~20 s on 2 cores); FID is biased at this n, the order is not

@@ -33,11 +33,6 @@ def mlflow_runs(tmp_path, name):
     return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
 
 
-def _ray_trial_pids():
-    out = subprocess.run(["pgrep", "-f", "ImplicitFunc"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.mark.slow
 def test_faults_inside_trials(tmp_path):
     """A trial that raises, one whose loss turns NaN, one SIGKILLed: each FAILED with its reason,
@@ -60,9 +55,10 @@ def test_faults_inside_trials(tmp_path):
         done = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
         if len(done) == 3 and len(runs) == 4 and not killed:
             time.sleep(2)
-            pids = _ray_trial_pids()
-            assert len(pids) == 1, pids
-            os.kill(pids[0], signal.SIGKILL)
+            running = [r for r in runs if r.info.status == "RUNNING"]
+            assert len(running) == 1
+            worker = Path(running[0].data.tags["trial_dir"]) / "worker.json"
+            os.kill(json.loads(worker.read_text())["pid"], signal.SIGKILL)
             killed = True
         time.sleep(1)
     out, err = proc.communicate(timeout=300)

@@ -132,6 +132,16 @@ def test_one_factor_ablation_tables_on_a_synthetic_frame(tmp_path):
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "\\textbf{" in tex
 
 
+def test_projection_table_from_logged_metrics():
+    from reports.tables import projection_tables
+    assert projection_tables({"fid_mnist_k1": 3.0}, "run") is None
+    t = projection_tables({"proj_noise_psnr_k0": 15.0, "proj_noise_psnr_k1": 20.5, "proj_noise_psnr_base": 18.0,
+                           "proj_clean_fid_real": 3.0}, "run")
+    assert [(r[0], r[1], r[2]) for r in t.rows] == [("clean", "real", ""), ("noise", "identity", "0"),
+                                                    ("noise", "ign", "1"), ("noise", "baseline", "")]
+    assert list(t.data["psnr"].dropna()) == [15.0, 20.5, 18.0]
+
+
 def test_selection_metric_and_best_config():
     df = synthetic_runs()
     assert D.selection_metric(df) == ("fid_mnist_k1", "min")
