@@ -234,7 +234,9 @@ def trainable(config: dict[str, Any], spec_json: str, sweep_dir: str) -> None:
         if any(k.startswith("train/") for k in m):
             buffer.append(m)
             return
-        tune.report({**m, "history": list(buffer), **(buffer[-1] if buffer else {}), "step": m["step"],
+        # history goes as a JSON string: Ray's TensorBoard logger skips strings silently, whereas a
+        # list makes it print the whole list as an "invalid value" warning.
+        tune.report({**m, "history": json.dumps(buffer), **(buffer[-1] if buffer else {}), "step": m["step"],
                      "node_id": node})
         buffer.clear()
 

@@ -143,7 +143,10 @@ def _param(v: Any) -> str:
 def metric_rows(result: dict[str, Any]) -> list[tuple[str, float, int]]:
     """MLflow rows from one trial report: the per-step loss history plus the numbers at `step`."""
     rows: list[tuple[str, float, int]] = []
-    for rec in result.get("history", []) or []:
+    history = result.get("history") or []
+    if isinstance(history, str):  # the trainable sends it as JSON (see harness.sweep.trainable)
+        history = json.loads(history)
+    for rec in history:
         s = rec["step"]
         rows += [(k, v, s) for k, v in rec.items() if k != "step" and _is_number(v)]
     step = int(result.get("step", 0))
