@@ -1,7 +1,9 @@
 """Scale-out with real services: a multi-node Ray cluster and a real `mlflow server`, including the
 server going away mid-sweep."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +63,8 @@ def test_sweep_on_a_two_node_ray_cluster(tmp_path):
              "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % addr],
             capture_output=True, text=True, env=env, timeout=120).stdout.strip().splitlines()[-1])
         assert len(nodes) == 2
+        # the teardown finds this cluster's processes by their token (and nothing else's)
+        assert len(processes_with_env("RAY_AUTH_TOKEN", env["RAY_AUTH_TOKEN"])) >= 4
         r = sweep(write_spec(tmp_path, "cluster"), {**env, "RAY_ADDRESS": addr})
         assert r.returncode == 0, r.stderr[-3000:]
         import mlflow
@@ -70,7 +74,36 @@ def test_sweep_on_a_two_node_ray_cluster(tmp_path):
         used = {x.data.tags["node_id"] for x in runs}
         assert used == set(nodes), (used, nodes)  # trials ran on both nodes
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        # Not `ray stop`: it kills every Ray process on the machine, a user's running sweep included.
+        # Every process of this cluster inherited the test's unique token, so stop exactly those.
+        left = stop_processes_with_env("RAY_AUTH_TOKEN", env["RAY_AUTH_TOKEN"])
+        assert not left, f"cluster processes still alive: {left}"
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs whose environment holds key=value (Linux /proc)."""
+    want, pids = f"{key}={value}".encode(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as fh:
+                    if want in fh.read().split(b"\0"):
+                        pids.append(int(d))
+            except OSError:  # gone, or not ours
+                pass
+    return pids
+
+
+def stop_processes_with_env(key: str, value: str, wait_s: float = 20) -> list[int]:
+    """SIGTERM, then SIGKILL after wait_s, every process started with key=value; returns survivors."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_with_env(key, value):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait_s
+        while processes_with_env(key, value) and time.time() < deadline:
+            time.sleep(0.5)
+    return processes_with_env(key, value)
 
 
 class MlflowServer:
