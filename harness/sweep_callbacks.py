@@ -136,7 +136,8 @@ class LiveTable(Callback):
         m = self.spec.metric
         rows = []
         for t in trials:
-            r = self.last.get(t.trial_id, {})
+            # trials restored from an earlier run of the sweep carry their results in last_result
+            r = self.last.get(t.trial_id) or getattr(t, "last_result", None) or {}
             params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(swept_params(self.spec, t.config).items()))
             val = r.get(m)
             rows.append((t.trial_id.split("_")[-1], t.status, str(r.get("step", "")),
