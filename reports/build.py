@@ -366,8 +366,12 @@ def header(doc: Doc, exp, df: pd.DataFrame, uri: str, parts: list[Part], scale_n
             items.append(pre + "Metrics: exact 2-D distances to fresh samples of the toy distribution "
                          "(sliced Wasserstein, energy distance, mode coverage); no feature extractor")
         dev = _values(D.param(d, "device"))
-        items.append(pre + f"Device: `{dev}`" + (" (auto = CUDA when available, else CPU; the runs do not "
-                                                   "record which one they got)" if dev == "auto" else ""))
+        got = _values(D.tag(d, "device"))  # what the trials actually ran on (tag written by the sweep)
+        if got != "not recorded":
+            items.append(pre + f"Device: `{got}` (config `device` = {dev})")
+        else:
+            items.append(pre + f"Device: `{dev}`" + (" (auto = CUDA when available, else CPU; the runs do not "
+                                                       "record which one they got)" if dev == "auto" else ""))
         if part.metric:
             lab = part.labels.get(part.best, "—") if part.best is not None else "—"
             items.append(pre + f"Best configuration by mean `{part.metric}` ({part.mode}) over seeds: {lab}; "
@@ -407,23 +411,32 @@ def extractor_text(d: pd.DataFrame) -> str:
                          f"`{h}` as logged by the runs)")
         elif name == "mnist":
             parts.append("mnist (the project's digit classifier: 128-d features, logits for IS and modes; "
-                         + mnist_classifier_text() + ")")
+                         + mnist_classifier_text(_values(D.tag(d, "mnist_weights"))) + ")")
         else:
             parts.append(name)
     return "; ".join(parts) or "not recorded"
 
 
-def mnist_classifier_text() -> str:
+def mnist_classifier_text(logged: str = "not recorded") -> str:
+    """The classifier's weights hash as the runs logged it (tag `mnist_weights`), and its test
+    accuracy when the local cache holds those same weights."""
     try:
         from harness.classifier import classifier_path, load_classifier
         path = classifier_path()
-        if not path.exists():
-            return "weights hash not recorded by the runs and no cached classifier here"
-        _, info = load_classifier("cpu", path=path)
+        info = load_classifier("cpu", path=path)[1] if path.exists() else None
+    except Exception as e:  # the header must not fail a report
+        info = None
+        local = f"local classifier unreadable ({type(e).__name__})"
+    else:
+        local = "no cached classifier here" if info is None else f"local cache holds `{info['hash']}`"
+    if logged == "not recorded":
+        if info is None:
+            return f"weights hash not recorded by the runs; {local}"
         return (f"weights sha256[:12] `{info['hash']}` and test accuracy {info['test_accuracy']:.4f} read from "
                 f"the local cache at build time; the runs do not log it")
-    except Exception as e:  # the header must not fail a report
-        return f"weights hash unavailable ({type(e).__name__})"
+    if info is not None and info["hash"] == logged:
+        return f"weights sha256[:12] `{logged}` as logged by the runs, test accuracy {info['test_accuracy']:.4f}"
+    return f"weights sha256[:12] `{logged}` as logged by the runs (test accuracy ≥ 0.99 when trained; {local})"
 
 
 def report_part(doc: Doc, part: Part, client, figures_dir: Path, checkpoint_figures: bool,
