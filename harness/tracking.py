@@ -110,6 +110,11 @@ class Tracker:
             for i in range(0, len(items), 100):
                 retry(self.client.log_batch, run_id, params=items[i:i + 100], what="log params")
         else:
+            # A failed attempt's reason stays readable as `previous_error`; `error` then means this attempt.
+            old = retry(self.client.get_run, run_id, what="get run").data.tags.get("error")
+            if old is not None:
+                retry(self.client.set_tag, run_id, "previous_error", old, what="log tags")
+                retry(self.client.delete_tag, run_id, "error", what="delete tag")
             retry(self.client.update_run, run_id, status="RUNNING", what="reopen run")
             retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
                   what="log tags")

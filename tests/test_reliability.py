@@ -122,3 +122,21 @@ def test_fuzzed_train_arguments_never_traceback(tmp_path_factory, argv):
         assert err.getvalue().strip().splitlines()[-1].startswith(("ign-bench train: error:", "usage:")) \
             or "error:" in err.getvalue()
     assert not out.exists()
+
+
+def test_a_resumed_failed_trial_keeps_its_run_and_moves_the_stale_error(tmp_path, monkeypatch):
+    """A trial that failed (say, its node died) and then finishes on resume: the same MLflow run,
+    FINISHED, and its old reason kept as `previous_error` rather than left as `error`."""
+    from harness.tracking import Tracker
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    t = Tracker("resume-failed")
+    rid = t.start_run("abc_00001", "t00001", {"seed": 0}, {"sweep": "resume-failed"})
+    t.set_tags(rid, {"error": "ActorDiedError: node lost"})
+    t.end_run(rid, "FAILED")
+    again = Tracker("resume-failed")
+    assert again.start_run("abc_00001", "t00001", {"seed": 0}, {"sweep": "resume-failed"}) == rid
+    again.end_run(rid, "FINISHED")
+    run = again.client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert "error" not in run.data.tags and run.data.tags["previous_error"] == "ActorDiedError: node lost"
+    assert len(again.client.search_runs([again.experiment_id])) == 1
