@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -226,25 +227,65 @@ def trainable(config: dict[str, Any], spec_json: str, sweep_dir: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     import ray
     node = ray.get_runtime_context().get_node_id()  # recorded as a tag: where the trial ran
-    buffer: list[dict[str, Any]] = []
-
-    def report(m: dict[str, Any]) -> None:
-        # Ray's searchers need the metric in every result, so losses are buffered and sent with the
-        # next evaluation; the MLflow callback unpacks them into per-step metrics.
-        if any(k.startswith("train/") for k in m):
-            buffer.append(m)
-            return
-        # history goes as a JSON string: Ray's TensorBoard logger skips strings silently, whereas a
-        # list makes it print the whole list as an "invalid value" warning.
-        tune.report({**m, "history": json.dumps(buffer), **(buffer[-1] if buffer else {}), "step": m["step"],
-                     "node_id": node})
-        buffer.clear()
-
     out = Path(sweep_dir) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     # where this trial runs, for operators (and the fault-injection tests)
     (out / "worker.json").write_text(json.dumps({"pid": os.getpid(), "node_id": node}))
+    # Every record is also appended to pending.jsonl until Ray has taken it, so that records the
+    # driver never got (it or the trial died in between) are sent again when the trial resumes.
+    pending = out / "pending.jsonl"
+    buffer: list[dict[str, Any]] = []
+
+    def send(m: dict[str, Any]) -> None:
+        # Ray's searchers need the metric in every result, so losses are buffered and sent with the
+        # next evaluation (as a JSON string: Ray's TensorBoard logger skips strings silently, whereas
+        # a list makes it print the whole list as an "invalid value" warning); the MLflow callback
+        # unpacks them into per-step metrics.
+        tune.report({**m, "history": json.dumps(buffer), **(buffer[-1] if buffer else {}), "step": m["step"],
+                     "node_id": node})
+        buffer.clear()
+        pending.write_text("")
+
+    def report(m: dict[str, Any]) -> None:
+        with open(pending, "a") as fh:
+            fh.write(json.dumps(m, default=_plain) + "\n")
+        if any(k.startswith("train/") for k in m):
+            buffer.append(m)
+        else:
+            send(m)
+
+    unsent = unsent_records(pending, out / "checkpoints")
+    pending.write_text("".join(json.dumps(m, default=_plain) + "\n" for m in unsent))
+    for m in unsent:
+        if any(k.startswith("train/") for k in m):
+            buffer.append(m)
+        else:
+            send(m)
     run_trial(cfg, out, report=report, progress=False)
+
+
+def _plain(v: Any) -> Any:
+    """JSON for numpy/torch scalars in a record (anything else as text)."""
+    return v.item() if hasattr(v, "item") else str(v)
+
+
+def unsent_records(pending: Path, ckpt_dir: Path) -> list[dict[str, Any]]:
+    """Records a previous attempt of this trial reported but Ray never took, up to the step the
+    trial resumes from (its newest checkpoint); later ones will be produced again."""
+    from .checkpoint import list_checkpoints
+    ckpts = list_checkpoints(ckpt_dir)
+    if not ckpts or not pending.exists():
+        return []
+    resume = int(re.search(r"(\d+)", ckpts[-1].name).group(1))
+    out = []
+    for line in pending.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if int(m.get("step", 0)) <= resume:
+            out.append(m)
+    return out
 
 
 def run_sweep(spec: SweepSpec, storage: Optional[Path] = None, fresh: bool = False,

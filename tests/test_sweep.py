@@ -1,4 +1,5 @@
 """Sweeps end to end with real Ray and a real MLflow SQLite store."""
+import json
 import os
 import signal
 import subprocess
@@ -191,3 +192,18 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     assert all(run.info.status == "FINISHED" for run in runs)
     for run in runs:
         assert max(h.step for h in client.get_metric_history(run.info.run_id, "swd_k1")) == 120
+        # nothing lost: records a killed trial had not yet handed to Ray are sent again on resume
+        assert {h.step for h in client.get_metric_history(run.info.run_id, "swd_k1")} == {40, 80, 120}
+        assert {h.step for h in client.get_metric_history(run.info.run_id, "train/loss")} == set(range(10, 121, 10))
+
+
+def test_unsent_records_are_those_up_to_the_resume_checkpoint(tmp_path):
+    from harness.sweep import unsent_records
+    pending, ckpts = tmp_path / "pending.jsonl", tmp_path / "checkpoints"
+    lines = [{"step": 50, "train/loss": 1.0}, {"step": 60, "train/loss": 0.9}, {"step": 60, "swd_k1": 0.3},
+             {"step": 70, "train/loss": 0.8}]
+    pending.write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 8')  # last line cut by a kill
+    assert unsent_records(pending, ckpts) == []          # no checkpoint: the trial starts over
+    ckpts.mkdir()
+    (ckpts / "ckpt-00000060.pt").write_bytes(b"")
+    assert unsent_records(pending, ckpts) == lines[:3]   # step 70 will be trained and reported again
