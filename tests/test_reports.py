@@ -221,7 +221,7 @@ def test_report_tables_equal_mlflow(smoke_report):
     exp = client.get_experiment_by_name("smoke")
     for text in (f"(id {exp.experiment_id})", smoke_report["uri"], best.data.tags["git_commit"],
                  f"{p['eval.n_samples']} generated samples per k",
-                 f"{p['train.steps']} steps at batch size {p['train.batch_size']}", f"Device: `{p['device']}`",
+                 f"{p['train.steps']} steps at batch size {p['train.batch_size']}", f"Device: `{best.data.tags['device']}` (config `device` = {p['device']})",
                  best.info.run_id):
         assert text in md, text
     for name in ("csv", "md", "tex"):
