@@ -307,7 +307,7 @@ def run_sweep(spec: SweepSpec, storage: Optional[Path] = None, fresh: bool = Fal
     fn = tune.with_resources(tune.with_parameters(trainable, spec_json=spec.model_dump_json(),
                                                   sweep_dir=str(sweep_dir)),
                              {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callbacks = [MLflowCallback(spec, sweep_dir), LiveTable(spec)]
+    callbacks = [MLflowCallback(spec, sweep_dir), LiveTable(spec, sweep_dir=sweep_dir)]
     run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                 verbose=0)

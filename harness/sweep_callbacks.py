@@ -1,6 +1,7 @@
 """Ray Tune callbacks that run in the sweep driver: MLflow tracking and the live table of trials."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -104,12 +105,37 @@ def error_text(trial) -> str:
 class LiveTable(Callback):
     """A table of trials and their latest metrics, reprinted at most every `every_s` seconds."""
 
-    def __init__(self, spec, every_s: float = 15.0, stream=None):
+    def __init__(self, spec, every_s: float = 15.0, stream=None, sweep_dir: Optional[Path] = None,
+                 quiet_every_s: float = 60.0):
         self.spec = spec
         self.every_s = every_s
+        self.quiet_every_s = quiet_every_s
         self.stream = stream or sys.stderr
+        self.sweep_dir = Path(sweep_dir) if sweep_dir else None
         self.last: dict[str, dict[str, Any]] = {}
         self._t = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        # Between results (a trial whose only evaluation is its last) the table still moves: the
+        # step and losses come from the records the trial has not handed to Ray yet.
+        if time.monotonic() - self._t >= self.quiet_every_s and any(t.status == "RUNNING" for t in trials):
+            self._maybe_print(trials, force=True)
+
+    def _pending(self, trial_id: str) -> dict[str, Any]:
+        """The newest record in the trial's pending.jsonl (same machine only; else nothing)."""
+        if self.sweep_dir is None:
+            return {}
+        path = self.sweep_dir / "trials" / trial_id / "pending.jsonl"
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return {}
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+        return {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
@@ -138,6 +164,10 @@ class LiveTable(Callback):
         for t in trials:
             # trials restored from an earlier run of the sweep carry their results in last_result
             r = self.last.get(t.trial_id) or getattr(t, "last_result", None) or {}
+            if t.status == "RUNNING":
+                newer = self._pending(t.trial_id)
+                if int(newer.get("step", 0)) > int(r.get("step", 0) or 0):
+                    r = {**r, "step": newer["step"], "train/rec": newer.get("train/rec", r.get("train/rec", ""))}
             params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(swept_params(self.spec, t.config).items()))
             val = r.get(m)
             rows.append((t.trial_id.split("_")[-1], t.status, str(r.get("step", "")),

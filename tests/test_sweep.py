@@ -207,3 +207,27 @@ def test_unsent_records_are_those_up_to_the_resume_checkpoint(tmp_path):
     ckpts.mkdir()
     (ckpts / "ckpt-00000060.pt").write_bytes(b"")
     assert unsent_records(pending, ckpts) == lines[:3]   # step 70 will be trained and reported again
+
+
+def test_live_table_shows_progress_between_results(tmp_path):
+    """A running trial with no result yet (its only evaluation is its last) shows the step and
+    loss of its newest unsent record; a finished one its last result."""
+    import io
+    from types import SimpleNamespace
+    from harness.sweep import load_spec
+    from harness.sweep_callbacks import LiveTable
+    spec = load_spec("smoke")
+    cfg = {"loss.lambda_tight": 0.05, "loss.distance": "l1"}
+    running = SimpleNamespace(trial_id="abc_00000", status="RUNNING", config=cfg, last_result={})
+    done = SimpleNamespace(trial_id="abc_00001", status="TERMINATED", config={**cfg, "loss.distance": "l2"},
+                           last_result={"step": 300, "swd_k1": 0.25, "train/rec": 0.125})
+    folder = tmp_path / "trials" / "abc_00000"
+    folder.mkdir(parents=True)
+    (folder / "pending.jsonl").write_text('{"step": 10, "train/rec": 0.5}\n{"step": 20, "train/rec": 0.375}\n{"st')
+    out = io.StringIO()
+    table = LiveTable(spec, stream=out, sweep_dir=tmp_path, quiet_every_s=0)
+    table.on_step_end(1, [running, done])
+    rows = out.getvalue().splitlines()
+    assert rows[0] == "== sweep smoke: 1 running, 1 terminated"
+    assert rows[2].split()[:3] == ["00000", "RUNNING", "20"] and rows[2].split()[3] == "0.375"
+    assert rows[3].split()[:5] == ["00001", "TERMINATED", "300", "0.25", "0.125"]
