@@ -437,7 +437,7 @@ def _collect(proc: subprocess.Popen, what: str, timeout: int = 3600) -> dict:
 
 def run_bench(quick: bool = False, device: str = "auto", skip_sweep: bool = False, skip_eval: bool = False,
               bf16: bool = False, variants: tuple[str, ...] = (), repeats: Optional[int] = None,
-              log: Callable[[str], None] = lambda m: None) -> dict:
+              sweep: str = "smoke", skip_train: bool = False, log: Callable[[str], None] = lambda m: None) -> dict:
     """Measure everything; returns a dict (rendered by `render`). See the module doc."""
     import torch
     from .config import resolve_device
@@ -453,7 +453,7 @@ def run_bench(quick: bool = False, device: str = "auto", skip_sweep: bool = Fals
         "train": [],
     }
     variants = tuple(variants) + (("bf16",) if bf16 else ())
-    for model, batch, loss in size["train"]:
+    for model, batch, loss in ([] if skip_train else size["train"]):
         log(f"bench: training {model} batch {batch} ({loss} losses): ours vs the paper's loop")
         x, z, source = _batch(model, batch, dev, real=not quick)
         runners = loop_runners(model, x, z, loss, dev, variants)
@@ -495,8 +495,8 @@ def run_bench(quick: bool = False, device: str = "auto", skip_sweep: bool = Fals
             _, model, loop = key.split(":")
             next(row for row in res["train"] if row["model"] == model)["memory"][loop] = r
     if not skip_sweep:
-        log("bench: smoke sweep (Ray + MLflow into a temporary folder)")
-        res["sweep"] = sweep_overhead(tmp_root / "sweep", _worker_env())
+        log(f"bench: sweep {sweep} (Ray + MLflow into a temporary folder)")
+        res["sweep"] = {**sweep_overhead(tmp_root / "sweep", _worker_env(), sweep), "spec": sweep}
     res["load_end"] = os.getloadavg()
     return res
 
@@ -574,10 +574,11 @@ def render(res: dict) -> str:
     if "sweep" in res:
         s = res["sweep"]
         b = s["breakdown"]
-        lines.append(f"| sweep smoke | wall time ({s['trials']} trials, {s['slots']} slots) | {s['wall_s']:.1f} s | | | |")
-        lines.append(f"| sweep smoke | training (Σ train_time_s) | {s['train_s']:.1f} slot-s | | {s['train_share']:.0%} | |")
-        lines.append(f"| sweep smoke | evaluation (Σ eval_time_s) | {s['eval_s']:.1f} slot-s | | {s['eval_share']:.0%} | |")
-        lines.append(f"| sweep smoke | everything else: start-up to first trial {b['before_first_trial_s']:.1f} s "
+        sec = f"sweep {s.get('spec', 'smoke')}"
+        lines.append(f"| {sec} | wall time ({s['trials']} trials, {s['slots']} slots) | {s['wall_s']:.1f} s | | | |")
+        lines.append(f"| {sec} | training (Σ train_time_s) | {s['train_s']:.1f} slot-s | | {s['train_share']:.0%} | |")
+        lines.append(f"| {sec} | evaluation (Σ eval_time_s) | {s['eval_s']:.1f} slot-s | | {s['eval_share']:.0%} | |")
+        lines.append(f"| {sec} | everything else: start-up to first trial {b['before_first_trial_s']:.1f} s "
                      f"(CLI imports {b['cli_before_run_sweep_s']:.1f} s), inside trials {b['inside_trials_s']:.1f} slot-s, "
                      f"after last trial {b['after_last_trial_s']:.1f} s | {s['other_s']:.1f} slot-s | | "
                      f"{s['other_share']:.0%} | ≤ {OTHER_TARGET:.0%}: {_check(s['other_share'] <= OTHER_TARGET)} |")
@@ -587,7 +588,8 @@ def render(res: dict) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     variants = tuple(v for v in (args.try_ or "").split(",") if v)
     res = run_bench(quick=args.quick, device=args.device, skip_sweep=args.skip_sweep, skip_eval=args.skip_eval,
-                    bf16=args.bf16, variants=variants, repeats=args.repeats,
+                    bf16=args.bf16, variants=variants, repeats=args.repeats, sweep=args.sweep,
+                    skip_train=args.skip_train,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     table = render(res)
     print(table, end="")
@@ -610,8 +612,11 @@ def add_cli(subparsers) -> None:
                     f"markdown table and writes it to {DEFAULT_OUT.relative_to(PROJECT_ROOT)}.")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; tests and CI), not the issue's figures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [default: auto]")
-    p.add_argument("--skip-sweep", action="store_true", help="do not run the smoke sweep")
+    p.add_argument("--skip-sweep", action="store_true", help="do not run the sweep (see --sweep)")
     p.add_argument("--skip-eval", action="store_true", help="do not measure evaluation")
+    p.add_argument("--skip-train", action="store_true", help="do not measure training steps or their memory")
+    p.add_argument("--sweep", default="smoke", metavar="SPEC",
+                   help="the sweep whose wall time is split into training, evaluation and the rest [default: smoke]")
     p.add_argument("--bf16", action="store_true",
                    help=f"also time our step under bf16 autocast and check each loss term moves ≤ {BF16_LOSS_RTOL:g} (relative)")
     p.add_argument("--try", dest="try_", metavar="V[,V]",
