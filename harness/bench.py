@@ -184,6 +184,10 @@ def loop_runners(model: str, x, z, loss: str, device, variants: tuple[str, ...] 
             runners[v] = ours(copy.deepcopy(f0).to(memory_format=cl), x.contiguous(memory_format=cl),
                               z.contiguous(memory_format=cl))
         elif v == "compile":
+            # our backward runs the outer f's graph twice (retain_graph), which AOTAutograd's donated
+            # buffers forbid; its own error message names this switch
+            import torch._functorch.config as functorch_config
+            functorch_config.donated_buffer = False
             runners[v] = ours(torch.compile(copy.deepcopy(f0)), x, z)
         elif v == "bf16":
             runners[v] = ours(copy.deepcopy(f0), x, z,

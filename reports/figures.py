@@ -368,7 +368,7 @@ def fig_projection(model: Model, folder: Path, tasks: Sequence[str], k: int = 2,
     import torch
     from harness.data import to_model_range
     from ign.degrade import degrade
-    names = {"noise": "x + n (σ = 0.15)", "grayscale": "g(x)", "sketch": "s(x)", "mask": "masked x"}
+    names = {"noise": "x + n", "grayscale": "g(x)", "sketch": "s(x)", "mask": "masked x"}  # short: row labels
     x = to_model_range(model.data.test[:max(n, BN_PAD)])
     rows, labels = [x[:n]], ["x (clean)"]
     for task in tasks:
@@ -378,7 +378,7 @@ def fig_projection(model: Model, folder: Path, tasks: Sequence[str], k: int = 2,
         labels += [f"y = {names.get(task, task)}"] + [fk_label(j, "y") for j in range(1, k + 1)]
     return _image_figure(rows, labels, f"Projection of degraded test images ({model.label})", folder,
                          "fig5_projection", f"Fig. 5: degraded held-out images y ({', '.join(tasks)}) projected "
-                         f"with f^1..f^{k}; first rows: the clean images.")
+                         f"with f^1..f^{k} (appendix C: n ~ N(0, 0.15²), g = grayscale, s = sketch); first rows: the clean images.")
 
 
 def fig_interpolation(model: Model, folder: Path, k: int = 3, pairs: int = 2, frames: int = 10,
