@@ -473,7 +473,7 @@ def run_bench(quick: bool = False, device: str = "auto", skip_sweep: bool = Fals
 
     tmp_root = Path(tempfile.mkdtemp(prefix="ign-bench-"))
     procs: dict[str, subprocess.Popen] = {}
-    if dev.type != "cuda":  # CPU peak memory: one fresh process per loop
+    if dev.type != "cuda" and res["train"]:  # CPU peak memory: one fresh process per loop
         log("bench: peak memory (one process per loop)")
         for row in res["train"]:
             row["memory"] = {}
