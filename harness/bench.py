@@ -267,7 +267,7 @@ def _memory_worker(p: dict) -> dict:
     done.set()
     t.join()
     after = _anon_rss_bytes()
-    return {"peak_bytes": max(peak[0], after) - before, "valid": True}
+    return {"peak_bytes": max(peak[0], after) - before}
 
 
 def bf16_loss_check(model: str, x, z, loss: str, device) -> dict:
@@ -465,7 +465,7 @@ def run_bench(quick: bool = False, device: str = "auto", skip_sweep: bool = Fals
         row = {"model": model, "batch": batch, "loss": loss, "data": source, "timing": timing,
                "ratio": timing["ours"]["images_per_s"] / timing["paper"]["images_per_s"]}
         if dev.type == "cuda":
-            row["memory"] = {k: {"peak_bytes": cuda_peak_memory(r, dev), "valid": True} for k, r in runners.items()}
+            row["memory"] = {k: {"peak_bytes": cuda_peak_memory(r, dev)} for k, r in runners.items()}
         if bf16:
             row["bf16"] = bf16_loss_check(model, x, z, loss, dev)
         del runners
@@ -548,8 +548,7 @@ def render(res: dict) -> str:
         if "ours" in mem and "paper" in mem:
             how = "torch.cuda.max_memory_allocated" if on_cuda else "peak growth of resident anonymous memory over one step"
             o, p = mem["ours"], mem["paper"]
-            valid = o["valid"] and p["valid"]
-            lines.append(f"| {sec} | peak memory ({how}){'' if valid else ' (unreliable: high-water mark set before the step)'} | "
+            lines.append(f"| {sec} | peak memory ({how}) | "
                          f"{_mib(o['peak_bytes'])} | {_mib(p['peak_bytes'])} | "
                          f"{o['peak_bytes'] / max(p['peak_bytes'], 1):.2f}× | |")
         if "bf16" in row:

@@ -39,12 +39,18 @@ def save_checkpoint(ckpt_dir: Path, step: int, payload: dict[str, Any], keep: in
     return path
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint's file name (ckpt-00000250.pt -> 250), None for other files."""
+    m = _NAME.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoints in a folder, oldest first."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.search(p.name))]
+    found = [(s, p) for p in ckpt_dir.iterdir() if (s := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 

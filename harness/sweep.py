@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -272,11 +271,11 @@ def _plain(v: Any) -> Any:
 def unsent_records(pending: Path, ckpt_dir: Path) -> list[dict[str, Any]]:
     """Records a previous attempt of this trial reported but Ray never took, up to the step the
     trial resumes from (its newest checkpoint); later ones will be produced again."""
-    from .checkpoint import list_checkpoints
+    from .checkpoint import checkpoint_step, list_checkpoints
     ckpts = list_checkpoints(ckpt_dir)
     if not ckpts or not pending.exists():
         return []
-    resume = int(re.search(r"(\d+)", ckpts[-1].name).group(1))
+    resume = checkpoint_step(ckpts[-1])
     out = []
     for line in pending.read_text().splitlines():
         try:

@@ -21,6 +21,26 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Everything that uses it must work offline: any attempt to open a connection fails the test.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("no_network")` (Ray and MLflow-server
+    tests need sockets)."""
+    import socket
+
+    def refuse(*a, **k):
+        raise RuntimeError("network access attempted in an offline test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """MNIST from ../shared/data (harness.data.Data: train/test images and labels)."""
+    from harness.data import load_dataset
+    return load_dataset("mnist")
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory):
     """sweeps/smoke.yaml run once per test session with real Ray and a real MLflow SQLite store.

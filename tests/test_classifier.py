@@ -1,7 +1,6 @@
 """harness.classifier: the cached MNIST digit classifier and its torch-fidelity adapter."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -9,21 +8,10 @@ import pytest
 import torch
 
 from harness import classifier as cl
-from harness.data import load_dataset, to_model_range
+from harness.data import to_model_range
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Everything here must work offline: any attempt to open a connection fails the test."""
-    def refuse(*a, **k):
-        raise RuntimeError("network access attempted in an offline test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist")
+pytestmark = pytest.mark.usefixtures("no_network")  # everything here must work offline
 
 
 def test_test_accuracy_at_least_99_percent(mnist):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -15,18 +14,7 @@ from ign import build_model
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Everything here must work offline: any attempt to open a connection fails the test."""
-    def refuse(*a, **k):
-        raise RuntimeError("network access attempted in an offline test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist")
+pytestmark = pytest.mark.usefixtures("no_network")  # everything here must work offline
 
 
 def tiny_dcgan28(seed: int = 0) -> torch.nn.Module:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +24,7 @@ from ign import add_noise
 N = 400  # digits per set: the classifier's features are 128-d, so covariances are well conditioned
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Everything here must work offline: any attempt to open a connection fails the test."""
-    def refuse(*a, **k):
-        raise RuntimeError("network access attempted in an offline test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # everything here must work offline
 
 
 def noisy(imgs: torch.Tensor, sigma: float = 0.15, seed: int = 0) -> torch.Tensor:

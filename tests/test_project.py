@@ -18,9 +18,6 @@ from harness.project import (BASELINES, MEASURES, TASKS, celeba_attribute, forma
 K = 2
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist")
 
 
 @pytest.fixture(scope="module")
